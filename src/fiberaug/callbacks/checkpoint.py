@@ -1,0 +1,34 @@
+"""Checkpointing whose `last.ckpt` is always the state at the end of training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning import callbacks
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, plus a `last.ckpt` written at the final step or epoch.
+
+    Lightning refreshes `last.ckpt` only when it saves after a validation, so a run whose last
+    validation came before its last step would resume from that earlier point. Saving in
+    `on_train_end` would be too late: an EMA callback has by then copied its average over the raw
+    weights that a resume needs.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
+            self._save_final(trainer)
+
+    def _save_final(self, trainer: pl.Trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

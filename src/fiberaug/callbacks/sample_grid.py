@@ -1,0 +1,58 @@
+"""A grid of samples from fixed seeds during training, to TensorBoard and to PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from fiberaug.imaging import make_grid, save_png, to_uint8
+from fiberaug.models.base import GenerativeModule
+
+
+class SampleGrid(pl.Callback):
+    """Every `every_n_epochs` epochs and when training ends, sample `num_samples` images from seed `seed`.
+
+    The seeds stay fixed, so successive grids show how the same starting noise develops. A
+    class-conditional model gets one column per class. When a weight-averaging (EMA) callback is
+    present, its averaged weights generate, as they are what the checkpoints hold.
+    """
+
+    def __init__(
+        self, dirpath: str, every_n_epochs: int = 10, num_samples: int = 16, seed: int = 0, **sample_options: Any
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.seed = seed
+        self.sample_options = sample_options
+        self._last_step = -1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self._last_step or not trainer.is_global_zero:
+            return
+        self._last_step = trainer.global_step
+        model = _evaluation_model(trainer, pl_module)
+        images = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
+        grid = make_grid(to_uint8(images), columns=model.grid_columns(self.num_samples))
+        save_png(grid, self.dirpath / f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HWC")
+
+
+def _evaluation_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GenerativeModule:
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            return callback._average_model.module
+    return pl_module

@@ -1,0 +1,188 @@
+"""LightningDataModules: where images come from, how they are split, and the on-the-fly pipeline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fiberaug.data.datasets import AugmentedImages, seed_worker
+from fiberaug.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from fiberaug.data.pipelines import scaled_side, sized_pipeline
+from fiberaug.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Splits a source of images deterministically by `seed` and serves augmented batches.
+
+    Subclasses implement `load_items`: the items, their labels and the class names.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        val_fraction: float = 0.05,
+        resize_policy: str = "resize",
+        crop_scale: float = 1.0,
+        augment: Any = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or image_size < 4:
+            raise UserError(f"data.image_size={image_size!r} must be an integer of at least 4")
+        if channels not in (1, 3):
+            raise UserError(f"data.channels={channels!r} must be 1 (grayscale) or 3 (RGB)")
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pin_memory = pin_memory
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.scaled_side = scaled_side(image_size, resize_policy, crop_scale)
+        # Built now so that a bad pipeline or policy fails before anything is read.
+        self.train_transform = sized_pipeline(image_size, resize_policy, crop_scale, augment, train=True, seed=seed)
+        self.val_transform = sized_pipeline(image_size, resize_policy, crop_scale, train=False, seed=seed)
+        self.class_names: list[str] = []
+        self.train_set: AugmentedImages | None = None
+        self.val_set: AugmentedImages | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_items(self) -> tuple[list[Any], list[int] | None, list[str]]:
+        """The items (whatever `reader` decodes), their class indices or None, and the class names."""
+        raise NotImplementedError
+
+    @property
+    def reader(self) -> Callable[[Any], np.ndarray]:
+        """Turns an item into an H×W×C array; the identity for in-memory arrays."""
+        return np.asarray
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        items, labels, self.class_names = self.load_items()
+        order = np.random.default_rng(self.seed).permutation(len(items))
+        n_val = max(1, round(len(items) * self.val_fraction)) if self.val_fraction > 0 and len(items) > 1 else 0
+        val_idx, train_idx = order[:n_val], order[n_val:]
+
+        def subset(idx: np.ndarray, transform: Any) -> AugmentedImages:
+            return AugmentedImages(
+                [items[i] for i in idx],
+                [labels[i] for i in idx] if labels is not None else None,
+                self.reader,
+                transform,
+                self.channels,
+            )
+
+        self.train_set = subset(train_idx, self.train_transform)
+        self.val_set = subset(val_idx, self.val_transform)
+        log.info(
+            "data: %d train / %d val images, %d classes, %d×%d×%d",
+            len(self.train_set), len(self.val_set), self.num_classes, self.image_size, self.image_size, self.channels,
+        )
+
+    def _loader(self, dataset: AugmentedImages, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, classes 0-9): offline and small."""
+
+    def load_items(self) -> tuple[list[Any], list[int], list[str]]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images / 16 * 255).astype(np.uint8)[..., None]
+        return list(images), digits.target.tolist(), [str(i) for i in range(10)]
+
+
+class FolderDataModule(ImageDataModule):
+    """Every image below `root`; with `labels: auto`, top-level sub-folders are the classes.
+
+    Classes are used when every image lies inside a sub-folder; their sorted names give the indices.
+    """
+
+    def __init__(self, root: str | None = None, labels: str = "auto", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if labels not in ("auto", "none"):
+            raise UserError(f"data.labels={labels!r} must be 'auto' (sub-folders are classes) or 'none'")
+        self.root = root
+        self.labels = labels
+
+    @property
+    def reader(self) -> Callable[[Any], np.ndarray]:
+        # Decode no more than the short side the pipeline scales to (JPEG draft mode).
+        return partial(read_image, min_side=self.scaled_side)
+
+    def load_items(self) -> tuple[list[Path], list[int] | None, list[str]]:
+        if not self.root:
+            raise UserError("data.root is not set: pass data.root=DIR, a folder of images")
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.root={root} is not a folder")
+        paths = list_images(root)
+        if not paths:
+            raise UserError(f"data.root={root} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+        paths, bad = _readable(paths)
+        if bad:
+            shown = "; ".join(f"{p.relative_to(root)} ({reason})" for p, reason in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            log.warning("skipping %d unreadable image file(s) in %s: %s%s", len(bad), root, shown, more)
+        if not paths:
+            raise UserError(f"data.root={root}: none of its {len(bad)} image files could be read ({bad[0][1]})")
+        parts = [p.relative_to(root).parts for p in paths]
+        if self.labels == "none" or any(len(part) == 1 for part in parts):
+            if self.labels == "auto" and any(len(part) > 1 for part in parts):
+                log.warning("images lie both in %s and in its sub-folders: training without class labels", root)
+            return paths, None, []
+        class_names = sorted({part[0] for part in parts})
+        index = {name: i for i, name in enumerate(class_names)}
+        return paths, [index[part[0]] for part in parts], class_names
+
+
+def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Split paths into those whose headers open as images and those that fail, with the reason."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            good.append(path)
+        except Exception as exc:  # Pillow raises many types for damaged files
+            bad.append((path, str(exc) or type(exc).__name__))
+    return good, bad

@@ -1,0 +1,48 @@
+"""The reverse process: DDPM/DDIM denoising loops with classifier-free guidance, for any noise predictor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+from tqdm.auto import tqdm
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def guided(net: Denoiser, labels: torch.Tensor | None, null_label: int, guidance_scale: float) -> EpsFn:
+    """Classifier-free guidance: eps = eps(∅) + w · (eps(y) − eps(∅)); w = 1 is plain conditioning.
+
+    Conditional and unconditional predictions share one batch through the network.
+    """
+    if labels is None or guidance_scale == 1.0:
+        return lambda x, t: net(x, t, labels)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        both = net(torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, null_label)]))
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return eps
+
+
+@torch.no_grad()
+def denoise(
+    eps_fn: EpsFn,
+    sampler: SchedulerMixin,
+    noise: torch.Tensor,
+    generators: list[torch.Generator],
+    eta: float = 0.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run `sampler` from `noise` to images in [-1, 1]; each sample draws its noise from its own generator.
+
+    `eta` (DDIM only) scales the noise added per step: 0 is deterministic DDIM, 1 matches DDPM's variance.
+    """
+    step_kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+    x = noise
+    for t in tqdm(sampler.timesteps, desc="denoising", leave=False, disable=not progress):
+        x = sampler.step(eps_fn(x, t.to(x.device)), t, x, generator=generators, **step_kwargs).prev_sample
+    return x.clamp(-1, 1)

@@ -1,0 +1,134 @@
+"""What every FiberAug model shares: class names, seeded batched sampling, and self-describing checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from tqdm.auto import tqdm
+
+import fiberaug
+from fiberaug.errors import UserError
+
+Label = int | str
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a run seeded `seed`: samples do not depend on batch size or order."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class GenerativeModule(pl.LightningModule):
+    """A LightningModule that generates images; subclasses implement `generate` for one batch."""
+
+    #: Keyword options of `generate` that `sample.py` may pass on (e.g. `steps` for diffusion).
+    sampling_options: tuple[str, ...] = ()
+
+    def __init__(self, class_names: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def generate(
+        self, labels: torch.Tensor | None, generators: list[torch.Generator], progress: bool = False, **options: Any
+    ) -> torch.Tensor:
+        """One batch of images in [-1, 1], one per generator, conditioned on `labels` when given."""
+        raise NotImplementedError
+
+    def noise(self, shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
+        """Standard normal noise of `(len(generators), *shape)`, each row from its own generator."""
+        rows = [torch.randn(tuple(shape), generator=g) for g in generators]
+        return torch.stack(rows).to(self.device)
+
+    def label_indices(self, labels: Sequence[Label] | Label | None, num_samples: int) -> torch.Tensor | None:
+        """Class indices for `num_samples` images: `labels` (names or indices) repeated in turn.
+
+        Without labels a class-conditional model cycles through all of its classes.
+        """
+        if not self.num_classes:
+            if labels is not None:
+                raise UserError(f"labels={labels!r}: this model was trained without class labels; leave labels unset")
+            return None
+        if labels is None:
+            labels = list(range(self.num_classes))
+        elif isinstance(labels, (int, str)):
+            labels = [labels]
+        indices = [self._label_index(label) for label in labels]
+        if not indices:
+            raise UserError("labels=[] is empty; give class names or indices, or leave labels unset")
+        return torch.tensor([indices[i % len(indices)] for i in range(num_samples)], device=self.device)
+
+    def _label_index(self, label: Label) -> int:
+        if isinstance(label, str) and label in self.class_names:
+            return self.class_names.index(label)
+        if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
+            if 0 <= int(label) < self.num_classes:
+                return int(label)
+        known = ", ".join(f"{i}={name}" for i, name in enumerate(self.class_names))
+        raise UserError(f"labels: {label!r} is not a class of this model; it knows (index=name): {known}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        labels: Sequence[Label] | Label | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+        **options: Any,
+    ) -> torch.Tensor:
+        """`num_samples` images in [-1, 1] on the CPU; the same seed gives the same images."""
+        if num_samples < 1 or batch_size < 1:
+            raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must be at least 1")
+        label_idx = self.label_indices(labels, num_samples)
+        was_training = self.training
+        self.eval()
+        batches = []
+        with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress) as bar:
+            for start in range(0, num_samples, batch_size):
+                stop = min(start + batch_size, num_samples)
+                generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(start, stop)]
+                batch_labels = label_idx[start:stop] if label_idx is not None else None
+                batches.append(self.generate(batch_labels, generators, progress=progress, **options).float().cpu())
+                bar.update(stop - start)
+        self.train(was_training)
+        return torch.cat(batches)
+
+    def grid_columns(self, num_samples: int) -> int:
+        """Columns of a sample grid: one per class when every class fits in a row."""
+        if 0 < self.num_classes <= num_samples:
+            return self.num_classes
+        return math.ceil(math.sqrt(num_samples))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["fiberaug"] = {"module": f"{cls.__module__}.{cls.__qualname__}", "version": fiberaug.__version__}
+
+
+def load_generator(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
+    """Rebuild a model from a checkpoint written by `train.py`, importing only that model's code."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} is not a file; pass a .ckpt from a run's checkpoints/ folder")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for files that are not checkpoints
+        raise UserError(f"ckpt_path={path} could not be read as a checkpoint: {exc}") from exc
+    meta = checkpoint.get("fiberaug") if isinstance(checkpoint, dict) else None
+    if not meta:
+        raise UserError(f"ckpt_path={path} is not a FiberAug checkpoint (it has no 'fiberaug' entry)")
+    module_name, _, class_name = meta["module"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)
+    return model.eval()

@@ -1,0 +1,161 @@
+"""Image decoding, the DataModules, their pipelines, and the errors bad data gets."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import save
+from PIL import Image
+
+from fiberaug.data import DigitsDataModule, FolderDataModule, list_images, read_image, to_channels
+from fiberaug.errors import UserError
+
+
+def test_read_image_keeps_modes_and_depth(tmp_path):
+    rng = np.random.default_rng(1)
+    gray16 = rng.integers(0, 65535, (5, 7), dtype=np.uint16)
+    rgb16 = rng.integers(0, 65535, (5, 7, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1])  # OpenCV writes BGR
+    save(tmp_path / "gray16.png", gray16)
+    save(tmp_path / "rgba.png", rng.integers(0, 255, (5, 7, 4), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 255, (5, 7), dtype=np.uint8)).convert("P").save(tmp_path / "palette.png")
+
+    assert np.array_equal(read_image(tmp_path / "gray16.png"), gray16[..., None])
+    assert np.array_equal(read_image(tmp_path / "rgb16.png"), rgb16)
+    assert read_image(tmp_path / "rgba.png").shape == (5, 7, 4)
+    assert read_image(tmp_path / "palette.png").shape == (5, 7, 3)
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    array = np.zeros((4, 6, 3), dtype=np.uint8)
+    array[0, 0] = 255  # a marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90° clockwise
+    Image.fromarray(array).save(tmp_path / "rotated.png", exif=exif)
+    upright = read_image(tmp_path / "rotated.png")
+    assert upright.shape == (6, 4, 3)
+    assert upright[0, -1].tolist() == [255, 255, 255]
+
+
+def test_to_channels_converts_explicitly():
+    rgba = np.array([[[255, 0, 0, 255], [0, 255, 0, 0]]], dtype=np.uint8)
+    rgb = to_channels(rgba, 3)
+    assert rgb.dtype == np.float32 and rgb.shape == (1, 2, 3)
+    assert rgb[0, 0].tolist() == [1.0, 0.0, 0.0] and rgb[0, 1].tolist() == [0.0, 0.0, 0.0]  # alpha over black
+    gray = to_channels(np.full((2, 2, 3), 65535, dtype=np.uint16), 1)
+    assert gray.shape == (2, 2, 1) and np.allclose(gray, 1.0)
+    assert to_channels(np.zeros((2, 2, 1), dtype=np.uint8), 3).shape == (2, 2, 3)
+
+
+def test_folder_with_classes_mixed_modes_and_a_broken_file(image_folder, caplog):
+    root = image_folder(broken=True)
+    dm = FolderDataModule(root=str(root), image_size=16, channels=3, batch_size=4, val_fraction=0.2)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert "broken.png" in caplog.text
+    assert dm.class_names == ["cats", "dogs"]
+    assert len(dm.train_set) + len(dm.val_set) == 9  # 10 image files, one broken; notes.txt ignored
+    assert sorted(set(dm.train_set.labels + dm.val_set.labels)) == [0, 1]
+    for images, labels in dm.train_dataloader():
+        assert images.shape[1:] == (3, 16, 16)
+        assert images.min() >= -1 and images.max() <= 1
+        assert labels.dtype == torch.int64
+
+
+def test_flat_folder_is_unlabelled_and_channels_follow_config(tmp_path):
+    for i in range(4):
+        save(tmp_path / f"{i}.png", np.full((10, 10, 3), 60 * i, dtype=np.uint8))
+    dm = FolderDataModule(root=str(tmp_path), image_size=8, channels=1, batch_size=2, val_fraction=0.25)
+    dm.setup()
+    assert dm.class_names == []
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 1, 8, 8) and labels.tolist() == [-1, -1]
+
+
+def test_image_that_breaks_after_setup_is_skipped_mid_epoch(image_folder, caplog):
+    root = image_folder(broken=False)
+    dm = FolderDataModule(root=str(root), image_size=8, batch_size=32, val_fraction=0)
+    dm.setup()
+    victim = dm.train_set.items[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated after the header check passed
+    with caplog.at_level(logging.WARNING):
+        images, _ = next(iter(dm.train_dataloader()))
+    assert len(images) == len(dm.train_set)  # another image took its place
+    assert victim.name in caplog.text
+    assert [dm.train_set.items[i] for i in dm.train_set.failed] == [victim]
+
+
+def test_large_photo_is_cut_by_random_crop_policy(tmp_path):
+    save(tmp_path / "photo.jpg", np.random.default_rng(2).integers(0, 255, (756, 1008, 3), dtype=np.uint8))
+    save(tmp_path / "photo2.jpg", np.random.default_rng(3).integers(0, 255, (756, 1008, 3), dtype=np.uint8))
+    dm = FolderDataModule(
+        root=str(tmp_path), image_size=32, batch_size=1, val_fraction=0.5, resize_policy="random_crop", crop_scale=0.25
+    )
+    dm.setup()
+    assert dm.scaled_side == 128
+    assert read_image(tmp_path / "photo.jpg", min_side=128).shape[0] < 756  # JPEG decoded at reduced scale
+    assert next(iter(dm.train_dataloader()))[0].shape == (1, 3, 32, 32)
+    assert next(iter(dm.val_dataloader()))[0].shape == (1, 3, 32, 32)
+
+
+def test_split_is_deterministic_by_seed():
+    def val_images(seed: int) -> list[bytes]:
+        dm = DigitsDataModule(image_size=8, channels=1, seed=seed)
+        dm.setup()
+        return [item.tobytes() for item in dm.val_set.items]
+
+    assert val_images(1) == val_images(1)
+    assert val_images(1) != val_images(2)
+
+
+def test_workers_and_epochs_draw_different_augmentations(tmp_path):
+    image = np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for i in range(8):
+        save(tmp_path / f"same{i}.png", image)
+    spec = {"transforms": [{"_target_": "albumentations.RandomBrightnessContrast", "p": 1.0}]}
+    dm = FolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=4, num_workers=2, val_fraction=0, augment=spec, seed=0
+    )
+    dm.setup()
+    torch.manual_seed(0)
+
+    def epoch() -> list[torch.Tensor]:
+        return [images for images, _ in dm.train_dataloader()]  # batch 0 from worker 0, batch 1 from worker 1
+
+    first, second = epoch(), epoch()
+    assert not torch.allclose(first[0], first[1]), "both workers drew the same augmentations"
+    assert not torch.allclose(first[0], second[0]), "the second epoch repeated the first one's augmentations"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"root": None}, "data.root is not set"),
+        ({"root": "/no/such/folder"}, "data.root=/no/such/folder is not a folder"),
+        ({"root": "EMPTY"}, "holds no images"),
+        ({"root": "JUNK"}, "none of its 1 image files could be read"),
+        ({"root": "EMPTY", "image_size": 2}, "data.image_size=2 must be an integer of at least 4"),
+        ({"root": "EMPTY", "channels": 4}, "data.channels=4 must be 1"),
+        ({"root": "EMPTY", "resize_policy": "squash"}, "data.resize_policy='squash' is not known"),
+        ({"root": "EMPTY", "augment": {"transforms": [{"_target_": "albumentations.Nope"}]}}, "albumentations.Nope"),
+    ],
+)
+def test_bad_data_gets_a_clear_message(tmp_path, kwargs, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "fake.jpg").write_text("plain text")
+    roots = {"EMPTY": str(tmp_path / "empty"), "JUNK": str(tmp_path / "junk")}
+    kwargs = {**kwargs, "root": roots.get(kwargs["root"], kwargs["root"])}
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        FolderDataModule(**kwargs).setup()
+
+
+def test_list_images_skips_hidden_and_non_images(tmp_path):
+    save(tmp_path / "a.PNG", np.zeros((4, 4), dtype=np.uint8))
+    save(tmp_path / ".hydra" / "b.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "c.txt").write_text("x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.PNG"]

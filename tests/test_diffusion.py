@@ -1,0 +1,84 @@
+"""Diffusion maths against closed forms: the forward process, DDPM/DDIM steps, and guidance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fiberaug.diffusion import denoise, guided, make_sampler, noise_scheduler
+from fiberaug.errors import UserError
+
+T = 1000
+
+
+def test_linear_and_cosine_schedules_match_their_formulas():
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    expected_linear = torch.cumprod(1 - betas, 0)
+    assert torch.allclose(noise_scheduler("linear").alphas_cumprod.double(), expected_linear, atol=1e-6)
+
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731  Nichol & Dhariwal
+    expected_cosine = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
+    assert torch.allclose(noise_scheduler("cosine").alphas_cumprod.double(), expected_cosine, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_forward_process_mean_and_variance(schedule):
+    sched = noise_scheduler(schedule)
+    t = torch.tensor([0, 250, 500, 999])
+    alpha_bar = sched.alphas_cumprod[t].view(-1, 1)
+    x0 = torch.full((4, 1), 0.7)
+    # Exact: the mean is sqrt(ᾱ)·x0 and the noise is scaled by sqrt(1-ᾱ), not (1-ᾱ).
+    assert torch.allclose(sched.add_noise(x0, torch.zeros(4, 1), t), alpha_bar.sqrt() * x0)
+    assert torch.allclose(sched.add_noise(torch.zeros(4, 1), torch.ones(4, 1), t), (1 - alpha_bar).sqrt())
+    # Empirical, over many draws.
+    g = torch.Generator().manual_seed(0)
+    xt = sched.add_noise(x0.expand(4, 200_000), torch.randn(4, 200_000, generator=g), t)
+    assert torch.allclose(xt.mean(1, keepdim=True), alpha_bar.sqrt() * x0, atol=0.01)
+    assert torch.allclose(xt.var(1, keepdim=True), 1 - alpha_bar, atol=0.01)
+
+
+def test_ddim_with_eta_one_and_all_steps_matches_ddpm():
+    sched = noise_scheduler("linear", clip_sample=False)
+    ddpm, ddim = make_sampler(sched, "ddpm", T), make_sampler(sched, "ddim", T)
+    assert torch.equal(ddpm.timesteps, ddim.timesteps)
+    for t in [999, 500, 10, 1]:
+        assert torch.allclose(ddim._get_variance(t, t - 1), ddpm._get_variance(t), rtol=1e-5)
+    x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for t in [999, 500, 10]:
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731  same noise for both
+        a = ddpm.step(eps, t, x, generator=gens()).prev_sample
+        b = ddim.step(eps, t, x, eta=1.0, generator=gens()).prev_sample
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_shortened_schedules_start_from_noise():
+    sched = noise_scheduler()
+    ddim = make_sampler(sched, "ddim", 10)
+    assert ddim.timesteps[0] == T - 1 and len(ddim.timesteps) == 10
+    eps_fn = lambda x, t: 0.1 * x  # noqa: E731
+    noise = torch.randn(2, 1, 4, 4)
+    a = denoise(eps_fn, ddim, noise, [torch.Generator().manual_seed(0)] * 2, eta=0.0)
+    b = denoise(eps_fn, make_sampler(sched, "ddim", 10), noise, [torch.Generator().manual_seed(9)] * 2, eta=0.0)
+    assert torch.equal(a, b)
+
+
+def test_classifier_free_guidance_combines_predictions():
+    def net(x, t, labels):
+        return labels.float().view(-1, 1) * torch.ones_like(x)  # the prediction is the label
+
+    labels, x, t = torch.tensor([2, 2]), torch.zeros(2, 3), torch.tensor(5)
+    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=1.0)(x, t), torch.full((2, 3), 2.0))
+    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=0.0)(x, t), torch.full((2, 3), 10.0))
+    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=3.0)(x, t), torch.full((2, 3), -14.0))
+
+
+def test_unknown_sampler_schedule_and_steps_are_refused():
+    sched = noise_scheduler()
+    with pytest.raises(UserError, match="sampler='euler' is not available; choose one of: ddpm, ddim"):
+        make_sampler(sched, "euler", 10)
+    with pytest.raises(UserError, match="steps=0 must be an integer from 1 to 1000"):
+        make_sampler(sched, "ddim", 0)
+    with pytest.raises(UserError, match="model.schedule='sigmoid' is not known"):
+        noise_scheduler("sigmoid")

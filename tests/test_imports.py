@@ -1,0 +1,34 @@
+"""Importing one model's training path must not import another model's heavy libraries.
+
+The baseline is `import pytorch_lightning`: with transformers installed (peft needs it), Lightning's
+torchmetrics already imports transformers' auto classes, which no code of ours can prevent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PATHS = {
+    "ddpm": ("fiberaug.tasks.train", "fiberaug.models.diffusion", "fiberaug.nets.context_unet"),
+}
+FORBIDDEN = {
+    "ddpm": ("transformers", "peft"),
+}
+
+
+@pytest.mark.parametrize("model", sorted(PATHS))
+def test_training_path_imports_only_its_own_libraries(model):
+    code = "\n".join(
+        [
+            "import sys, pytorch_lightning",
+            "before = set(sys.modules)",
+            *(f"import {module}" for module in PATHS[model]),
+            "added = {m.split('.')[0] for m in set(sys.modules) - before}",
+            f"print(','.join(sorted(added & set({FORBIDDEN[model]!r}))))",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"model={model}'s training path imported {result.stdout.strip()}"

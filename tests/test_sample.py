@@ -1,0 +1,89 @@
+"""sample.py on a trained checkpoint: files, determinism, labels, samplers and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_config, run_script
+from PIL import Image
+
+from fiberaug.models import load_generator
+from fiberaug.tasks import run_task
+from fiberaug.tasks.sample import sample
+
+
+def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:
+    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={out}", *overrides])
+    return sample(cfg)
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_sample_script_writes_pngs_and_a_grid(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    result = run_script("sample.py", f"ckpt_path={ckpt}", "num_samples=5", "steps=3", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["00000_0.png", "00001_1.png", "00002_2.png", "00003_3.png", "00004_4.png", "grid.png"]
+    assert np.asarray(Image.open(tmp_path / "00000_0.png")).shape == (8, 8)  # the trained size, grayscale
+    assert "sampling" in result.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_same_seed_same_images_whatever_the_batch_size(trained_run, tmp_path, sampler):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    common = ["num_samples=4", "steps=3", f"sampler={sampler}", "eta=1.0"]
+    a = _pixels(_sample(ckpt, tmp_path / "a", *common, "seed=7", "batch_size=4"))
+    b = _pixels(_sample(ckpt, tmp_path / "b", *common, "seed=7", "batch_size=3"))
+    c = _pixels(_sample(ckpt, tmp_path / "c", *common, "seed=8", "batch_size=4"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_labels_by_name_or_index_and_guidance(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    out = _sample(ckpt, tmp_path / "x", "num_samples=4", "steps=2", "labels=[7,'3']", "guidance_scale=3")
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000_7.png", "00001_3.png", "00002_7.png", "00003_3.png"]
+
+
+def test_loaded_model_is_the_trained_one(trained_run):
+    model = load_generator(trained_run / "checkpoints" / "last.ckpt")
+    assert model.class_names == [str(i) for i in range(10)]
+    assert model.hparams.image_size == 8 and not model.training
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt is not a file"),
+        (["labels=[giraffe]"], "labels: 'giraffe' is not a class of this model; it knows (index=name): 0=0"),
+        (["labels=[10]"], "labels: 10 is not a class of this model"),
+        (["sampler=euler"], "sampler='euler' is not available; choose one of: ddpm, ddim"),
+        (["steps=5000"], "steps=5000 must be an integer from 1 to 1000"),
+    ],
+)
+def test_bad_options_are_one_line_errors(trained_run, tmp_path, overrides, message):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "num_samples=2", *overrides])
+    with pytest.raises(SystemExit) as exc:
+        run_task(sample, cfg)
+    assert message in str(exc.value)
+
+
+def test_existing_samples_are_not_overwritten(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    _sample(ckpt, tmp_path, "num_samples=1", "steps=1")
+    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="already holds samples"):
+        run_task(sample, cfg)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "model.ckpt").write_text("hello")
+    cfg = compose_config("sample", [f"ckpt_path={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit, match="could not be read as a checkpoint"):
+        run_task(sample, cfg)

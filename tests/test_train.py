@@ -1,0 +1,102 @@
+"""Training through train.py: run dir contents, resume, precision, checkpointing, sweeps and refusals."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fiberaug.tasks import run_task
+from fiberaug.tasks.train import resolve_precision, train
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def _global_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
+    assert _global_step(trained_run / "checkpoints" / "last.ckpt") == 10
+    assert list((trained_run / "checkpoints").glob("best-*.ckpt")), "no best-by-validation checkpoint"
+    assert len(list((trained_run / "samples").glob("*.png"))) == 2  # each of the two epochs, 5 steps each
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    events = _events(trained_run)
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "lr-AdamW"} <= set(scalars)
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 9]
+    assert [e.step for e in events.Images("samples")] == [5, 10]
+    assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
+
+
+def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config("train", [*TINY, f"ckpt_path={last}", "trainer.max_steps=14"], tmp_path)
+    train(cfg)
+    assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 14
+    steps = [e.step for e in _events(tmp_path).Scalars("train/loss")]
+    assert steps and min(steps) >= 10, f"the resumed run logged steps {steps} from before the checkpoint"
+
+
+def test_precision_16_falls_back_to_bf16_on_cpu(tmp_path, caplog):
+    assert resolve_precision("bf16-mixed") == "bf16-mixed"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, where precision=16 runs float16")
+    cfg = compose_config("train", [*TINY, "trainer.precision=16", "trainer.max_steps=3"], tmp_path)
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert "trainer.precision=16: no CUDA device here, so training runs bf16-mixed instead" in caplog.text
+    assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 3
+
+
+def test_gradient_checkpointing_trains(tmp_path):
+    cfg = compose_config("train", [*TINY, "model.gradient_checkpointing=true", "trainer.max_steps=3"], tmp_path)
+    train(cfg)
+    assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 3
+
+
+def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
+    result = run_script("train.py", "-m", *TINY, "seed=1,2", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, seed in (("0", 1), ("1", 2)):
+        assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+        assert f"seed={seed}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=folder"], "error: data.root is not set: pass data.root=DIR, a folder of images"),
+        (["data.image_size=9"], "error: data.image_size=9 does not fit ContextUNet"),
+    ],
+)
+def test_bad_input_is_one_line_error_from_the_script(tmp_path, overrides, message):
+    result = run_script("train.py", *TINY, *overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt is not a file"),
+        (["data=folder", "data.root=/no/such/dir"], "data.root=/no/such/dir is not a folder"),
+        (["data.channels=2"], "data.channels=2 must be 1 (grayscale) or 3 (RGB)"),
+        (["model.schedule=quadratic"], "model.schedule='quadratic' is not known"),
+    ],
+)
+def test_bad_input_is_refused_before_training(tmp_path, overrides, message):
+    cfg = compose_config("train", [*TINY, *overrides], tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_task(train, cfg)
+    assert message in str(exc.value)
+    assert not (tmp_path / "checkpoints").exists()
