@@ -1,5 +1,6 @@
 """Plain `nn.Module` networks, free of any training logic."""
 
 from fiberaug.nets.context_unet import ContextUNet
+from fiberaug.nets.dcgan import Discriminator, Generator
 
-__all__ = ["ContextUNet"]
+__all__ = ["ContextUNet", "Discriminator", "Generator"]
