@@ -1,0 +1,165 @@
+"""A class-conditional GAN trained with Lightning's manual optimization: BCE, hinge or WGAN-GP."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.utilities import grad_norm
+from torch import nn
+from torch.optim import Adam, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from fiberaug.errors import UserError
+from fiberaug.models.base import GenerativeModule
+from fiberaug.models.gan_losses import WassersteinLoss, adversarial_loss, gradient_penalty
+
+
+@dataclass(frozen=True)
+class GANRecipe:
+    """How the two networks play under one loss (the `loss` config group, conf/loss/*.yaml)."""
+
+    name: str
+    n_critic: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    gradient_penalty: float = 0.0
+
+    @classmethod
+    def from_config(cls, loss: Mapping[str, Any] | None) -> GANRecipe:
+        if not loss:
+            raise UserError("model=gan needs a loss: pass loss=bce, loss=hinge or loss=wasserstein")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(loss) - set(known))
+        if unknown:
+            raise UserError(f"loss.{unknown[0]} is not an option; the loss takes: {', '.join(known)}")
+        recipe = cls(**{**loss, "betas": tuple(loss.get("betas", cls.betas))})
+        if not isinstance(recipe.n_critic, int) or recipe.n_critic < 1:
+            raise UserError(f"loss.n_critic={recipe.n_critic!r} must be an integer of at least 1")
+        if recipe.gradient_penalty < 0:
+            raise UserError(f"loss.gradient_penalty={recipe.gradient_penalty} must be at least 0 (0: no penalty)")
+        return recipe
+
+
+class GANModule(GenerativeModule):
+    """Trains `generator` against `discriminator` (the critic), one critic step per batch.
+
+    Both networks are configs with `_target_`, called with `channels`, `image_size` and `num_classes`
+    (the generator also with `latent_dim`) and built here, so that checkpoints rebuild them. Every
+    training batch is one critic step, on that fresh real batch and fresh noise; every `n_critic`-th
+    batch is followed by one generator step. Lightning's `global_step` counts optimizer steps, so it
+    grows by `n_critic + 1` per generator step; `generator_steps` counts those and is logged.
+    """
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any],
+        discriminator: Mapping[str, Any],
+        image_size: int,
+        channels: int,
+        class_names: Sequence[str] = (),
+        loss: Mapping[str, Any] | None = None,
+        latent_dim: int = 64,
+        warmup_steps: int = 0,
+        gradient_clip_val: float | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(class_names)
+        self.save_hyperparameters(logger=False)
+        self.automatic_optimization = False
+        self.recipe = GANRecipe.from_config(loss)
+        self.loss = adversarial_loss(self.recipe.name)
+        size = {"channels": channels, "image_size": image_size, "num_classes": self.num_classes}
+        self.generator = instantiate(generator, latent_dim=latent_dim, **size)
+        self.discriminator = instantiate(discriminator, **size)
+        batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in self.discriminator.modules())
+        if self.recipe.gradient_penalty > 0 and batchnorm:
+            raise UserError(
+                f"model.discriminator.norm=batch cannot be used with loss={self.recipe.name} "
+                f"(gradient_penalty={self.recipe.gradient_penalty}): BatchNorm mixes the samples of a batch, which "
+                "breaks the per-sample gradient penalty; use model.discriminator.norm=layer or none"
+            )
+        if gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+            self.discriminator.enable_gradient_checkpointing()
+        self.critic_steps = 0
+        self.generator_steps = 0
+
+    def _latent(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hparams.latent_dim, device=self.device)
+
+    def _critic_step(self, opt: Optimizer, real: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        with self.toggled_optimizer(opt):
+            fake = self.generator(self._latent(real.shape[0]), labels).detach()
+            real_score, fake_score = self.discriminator(real, labels), self.discriminator(fake, labels)
+            loss = self.loss.critic(real_score, fake_score)
+            logs = {"train/real_score": real_score.float().mean(), "train/fake_score": fake_score.float().mean()}
+            if isinstance(self.loss, WassersteinLoss):
+                logs["train/wasserstein"] = -loss.detach()
+            if self.recipe.gradient_penalty > 0:
+                logs["train/gradient_penalty"] = gradient_penalty(self.discriminator, real, fake, labels)
+                loss = loss + self.recipe.gradient_penalty * logs["train/gradient_penalty"]
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+        return {**logs, "train/critic_loss": loss}
+
+    def _generator_step(self, opt: Optimizer, n: int, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        with self.toggled_optimizer(opt):
+            loss = self.loss.generator(self.discriminator(self.generator(self._latent(n), labels), labels))
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+        return {"train/generator_loss": loss}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        real, labels = batch
+        labels = labels if self.num_classes else None
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        logs = self._critic_step(opt_d, real, labels)
+        sched_d.step()
+        self.critic_steps += 1
+        if self.critic_steps % self.recipe.n_critic == 0:
+            logs |= self._generator_step(opt_g, real.shape[0], labels)
+            sched_g.step()
+            self.generator_steps += 1
+        logs |= {"lr/generator": opt_g.param_groups[0]["lr"], "lr/critic": opt_d.param_groups[0]["lr"]}
+        # "step" sets the x-axis of the logged values: optimizer steps, as for checkpoints and sample grids.
+        logs |= {"train/generator_step": float(self.generator_steps), "step": float(self.global_step)}
+        self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()})
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Log the gradient norm and clip it: Lightning calls this after unscaling float16 gradients."""
+        is_generator = optimizer is self.trainer.optimizers[0]
+        net = self.generator if is_generator else self.discriminator
+        norm = grad_norm(net, norm_type=2).get("grad_2.0_norm_total")
+        if norm is not None:
+            self.log(f"train/grad_norm_{'generator' if is_generator else 'critic'}", norm)
+        if clip := self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self) -> tuple[list[Optimizer], list[LambdaLR]]:
+        lr, betas, warmup = self.recipe.lr, self.recipe.betas, max(1, self.hparams.warmup_steps)
+        optimizers = [Adam(net.parameters(), lr=lr, betas=betas) for net in (self.generator, self.discriminator)]
+        # Stepped by hand after each optimizer's own step: manual optimization leaves schedulers alone.
+        return optimizers, [LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)) for opt in optimizers]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gan"] = {"critic_steps": self.critic_steps, "generator_steps": self.generator_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("gan", {})
+        self.critic_steps = counters.get("critic_steps", 0)
+        self.generator_steps = counters.get("generator_steps", 0)
+
+    @torch.no_grad()
+    def generate(
+        self, labels: torch.Tensor | None, generators: list[torch.Generator], progress: bool = False
+    ) -> torch.Tensor:
+        """One image per generator from its own noise: the same seed gives the same image."""
+        return self.generator(self.noise((self.hparams.latent_dim,), generators), labels)
