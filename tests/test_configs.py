@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fiberaug.data import build_transforms, sized_pipeline
+from fiberaug.tasks.train import loss_option
 
 
 def _options(group: str) -> list[str]:
@@ -18,7 +19,9 @@ def _options(group: str) -> list[str]:
 
 def _build_training_objects(cfg: DictConfig) -> None:
     dm = instantiate(cfg.data, augment=cfg.augment, _recursive_=False)
-    model = instantiate(cfg.model, image_size=dm.image_size, channels=dm.channels, class_names=["a", "b"])
+    model = instantiate(
+        cfg.model, image_size=dm.image_size, channels=dm.channels, class_names=["a", "b"], **loss_option(cfg)
+    )
     assert model.num_classes == 2
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -28,18 +31,21 @@ def _build_training_objects(cfg: DictConfig) -> None:
 
 
 def test_groups_have_options():
-    for group in ("data", "augment", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug"):
+    for group in (
+        "data", "augment", "loss", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug"
+    ):
         assert _options(group), f"conf/{group}/ is empty"
 
 
 @pytest.mark.parametrize(
     "override",
     [f"{group}={option}" for group in ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug")
-     for option in _options(group)] + ["~logger", "~callbacks.ema"],
+     for option in _options(group)] + [f"model=gan loss={option}" for option in _options("loss")]
+    + ["~logger", "~callbacks.ema"],
 )
 def test_every_group_option_composes_and_builds(tmp_path, override):
     extra = ["data.root=unused"] if override in ("data=folder", "experiment=photos_ddpm") else []
-    cfg = compose_config("train", [override, *extra], tmp_path)
+    cfg = compose_config("train", [*override.split(), *extra], tmp_path)
     _build_training_objects(cfg)
 
 

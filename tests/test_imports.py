@@ -13,9 +13,11 @@ import pytest
 
 PATHS = {
     "ddpm": ("fiberaug.tasks.train", "fiberaug.models.diffusion", "fiberaug.nets.context_unet"),
+    "gan": ("fiberaug.tasks.train", "fiberaug.models.gan", "fiberaug.nets.dcgan"),
 }
 FORBIDDEN = {
     "ddpm": ("transformers", "peft"),
+    "gan": ("diffusers", "transformers", "peft"),
 }
 
 

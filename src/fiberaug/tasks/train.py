@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fiberaug.errors import UserError
@@ -25,6 +28,17 @@ def resolve_precision(precision: str | int) -> str | int:
     return "bf16-mixed"
 
 
+def loss_option(cfg: DictConfig) -> dict[str, Any]:
+    """`{"loss": cfg.loss}` for a model that takes a loss (a GAN); a loss for any other model is refused."""
+    if cfg.get("loss") is None:
+        return {}
+    if "loss" not in inspect.signature(get_class(cfg.model._target_)).parameters:
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        loss, model = choices.get("loss", cfg.loss.get("name")), choices.get("model", cfg.model._target_)
+        raise UserError(f"loss={loss} applies to model=gan only; model={model} has no loss option")
+    return {"loss": cfg.loss}
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns `cfg.optimized_metric` for sweepers."""
     if cfg.get("seed") is not None:
@@ -33,10 +47,12 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path and not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path={ckpt_path} is not a file; pass a run's checkpoints/last.ckpt to resume")
 
+    model_options = loss_option(cfg)
     datamodule = instantiate(cfg.data, augment=cfg.get("augment"), _recursive_=False)
     datamodule.setup("fit")  # reads and checks the data, and finds the classes, before the model is built
     model = instantiate(
-        cfg.model, image_size=datamodule.image_size, channels=datamodule.channels, class_names=datamodule.class_names
+        cfg.model, image_size=datamodule.image_size, channels=datamodule.channels, class_names=datamodule.class_names,
+        **model_options,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
