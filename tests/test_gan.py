@@ -1,0 +1,277 @@
+"""The GAN: networks, losses and gradient penalty, manual optimization through train.py, resume and sampling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, run_script
+from hydra.utils import instantiate
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from fiberaug.errors import UserError
+from fiberaug.models import load_generator
+from fiberaug.models.gan_losses import adversarial_loss, gradient_penalty
+from fiberaug.nets import Discriminator, Generator
+from fiberaug.tasks import run_task
+from fiberaug.tasks.train import train
+
+# A GAN small enough for seconds on two CPU cores: 16×16 digits, narrow networks, 10 optimizer steps.
+GAN_TINY = [
+    "model=gan",
+    "debug=fast",
+    "model.generator.base_channels=8",
+    "model.discriminator.base_channels=8",
+    "model.latent_dim=8",
+    "callbacks.sample_grid.num_samples=4",
+]
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def _adam_steps(ckpt: dict) -> list[int]:
+    """How often the generator's and the critic's Adam stepped."""
+    return [int(opt["state"][0]["step"]) for opt in ckpt["optimizer_states"]]
+
+
+@pytest.fixture(scope="module")
+def wgan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny WGAN-GP run through `train.py`, shared by the tests that resume or sample from it."""
+    run_dir = tmp_path_factory.mktemp("wgan")
+    result = run_script("train.py", *GAN_TINY, "loss=wasserstein", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_wgan_gp_trains_through_the_script(wgan_run):
+    ckpt = _checkpoint(wgan_run)
+    # n_critic=5: batches 1-4 step the critic, batch 5 the critic and then the generator, ... up to 10 steps.
+    assert ckpt["global_step"] == 10 and ckpt["gan"] == {"critic_steps": 9, "generator_steps": 1}
+    assert _adam_steps(ckpt) == [1, 9]
+    for tag in ("train/critic_loss", "train/gradient_penalty", "train/wasserstein", "train/grad_norm_critic"):
+        values = [v for _, v in _scalars(wgan_run, tag)]
+        assert len(values) == 9 and np.isfinite(values).all(), tag
+    assert [step for step, _ in _scalars(wgan_run, "train/generator_loss")] == [6]  # logged at optimizer steps
+    assert (wgan_run / "samples" / "epoch0001-step0000010.png").is_file()
+
+
+@pytest.mark.parametrize("loss", ["bce", "hinge"])
+def test_other_losses_train_and_checkpoint(tmp_path, loss):
+    train(compose_config("train", [*GAN_TINY, f"loss={loss}"], tmp_path))
+    ckpt = _checkpoint(tmp_path)
+    assert ckpt["global_step"] == 10 and ckpt["gan"] == {"critic_steps": 5, "generator_steps": 5}
+    assert ckpt["hyper_parameters"]["loss"]["name"] == loss
+    assert np.isfinite([v for _, v in _scalars(tmp_path, "train/generator_loss")]).all()
+
+
+def test_n_critic_critic_steps_per_generator_step(tmp_path):
+    train(compose_config("train", [*GAN_TINY, "loss=wasserstein", "loss.n_critic=3"], tmp_path))
+    ckpt = _checkpoint(tmp_path)
+    # Eight batches, each one critic step on its own real batch; the generator after every third.
+    assert _adam_steps(ckpt) == [2, 8] and ckpt["global_step"] == 10
+    assert _scalars(tmp_path, "train/generator_step") == [
+        (1, 0), (2, 0), (4, 1), (5, 1), (6, 1), (8, 2), (9, 2), (10, 2)
+    ]
+
+
+def test_losses_match_their_formulas():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    softplus = nn.functional.softplus
+    bce, hinge, wgan = (adversarial_loss(name) for name in ("bce", "hinge", "wasserstein"))
+    assert torch.isclose(bce.critic(real, fake), softplus(-real).mean() + softplus(fake).mean())
+    assert torch.isclose(bce.generator(fake), softplus(-fake).mean())  # non-saturating: -log σ(D(G(z)))
+    assert torch.isclose(hinge.critic(real, fake), torch.tensor((0 + 2) / 2 + (1.5 + 0) / 2))
+    assert torch.isclose(wgan.critic(real, fake), fake.mean() - real.mean())
+    assert torch.isclose(wgan.generator(fake), -fake.mean()) and torch.isclose(hinge.generator(fake), -fake.mean())
+    with pytest.raises(UserError, match="loss.name='lsgan' is not known; choose one of: bce, hinge, wasserstein"):
+        adversarial_loss("lsgan")
+
+
+def test_gradient_penalty_matches_hand_computation_on_a_linear_critic():
+    # D(x) = w·x + b has the gradient w everywhere, so the penalty is (‖w‖ − 1)² = (5 − 1)².
+    w = torch.tensor([3.0, 0.0, 0.0, 4.0], requires_grad=True)
+    critic = lambda x, labels: x.flatten(1) @ w + 1.0  # noqa: E731
+    real, fake = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    penalty = gradient_penalty(critic, real, fake)
+    assert torch.isclose(penalty, torch.tensor(16.0))
+    penalty.backward()  # possible only with create_graph=True: d/dw (‖w‖ − 1)² = 2(‖w‖ − 1) w / ‖w‖
+    assert torch.allclose(w.grad, 2 * 4 * w.detach() / 5)
+
+
+def test_gradient_penalty_is_taken_at_per_sample_interpolates():
+    # D(x) = (w·x)² / 2 has the gradient (w·x) w: its norm depends on where each sample is interpolated.
+    w = torch.tensor([1.0, -2.0, 0.5, 1.0])
+    critic = lambda x, labels: (x.flatten(1) @ w).square() / 2  # noqa: E731
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    alpha = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    mixed = (alpha * real + (1 - alpha) * fake).flatten(1)
+    expected = ((mixed @ w).abs() * w.norm() - 1).square().mean()
+    assert torch.isclose(gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(3)), expected)
+
+
+def test_gradient_penalty_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    critic = Discriminator(channels=1, image_size=16, num_classes=3, base_channels=8)
+    real, fake, labels = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    exact = gradient_penalty(critic, real, fake, labels, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gradient_penalty(critic, real, fake, labels, generator=torch.Generator().manual_seed(0))
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, rtol=1e-5)
+
+
+def test_gradient_checkpointing_supports_the_penalty_double_backward():
+    real, fake, labels = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        critic = Discriminator(channels=3, image_size=16, num_classes=2, base_channels=8, extra_layers=1)
+        if checkpointing:
+            critic.enable_gradient_checkpointing()
+        gradient_penalty(critic, real, fake, labels, generator=torch.Generator().manual_seed(1)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in critic.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 16), (3, 32), (3, 64)])
+def test_networks_are_sized_from_the_data(channels, size):
+    torch.manual_seed(0)
+    gen = Generator(channels, size, num_classes=4, latent_dim=16, base_channels=8, extra_layers=1)
+    disc = Discriminator(channels, size, num_classes=4, base_channels=8, extra_layers=1)
+    images = gen(torch.randn(5, 16), torch.tensor([0, 1, 2, 3, 0]))
+    assert images.shape == (5, channels, size, size) and images.abs().max() <= 1
+    assert disc(images, torch.tensor([0, 1, 2, 3, 0])).shape == (5,)
+    weights = torch.cat([m.weight.flatten() for m in disc.modules() if isinstance(m, nn.Conv2d)])
+    assert abs(weights.std().item() - 0.02) < 0.002  # DCGAN's N(0, 0.02)
+
+
+@pytest.mark.parametrize("size", [8, 24, 48])
+def test_sizes_other_than_powers_of_two_from_16_are_refused(size):
+    message = f"data.image_size={size} does not fit the DCGAN generator: it takes powers of two from 16 up"
+    with pytest.raises(UserError, match=message):
+        Generator(channels=1, image_size=size)
+
+
+@pytest.mark.parametrize(("loss", "has_batchnorm"), [("wasserstein", False), ("bce", True)])
+def test_critic_batchnorm_only_without_a_gradient_penalty(tmp_path, loss, has_batchnorm):
+    norm = [] if loss == "wasserstein" else ["model.discriminator.norm=batch"]
+    cfg = compose_config("train", ["model=gan", f"loss={loss}", *norm], tmp_path)
+    model = instantiate(cfg.model, image_size=16, channels=1, class_names=["a", "b"], loss=cfg.loss)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.discriminator.modules()) == has_batchnorm
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.generator.modules())
+
+
+def test_resume_continues_the_step_counts(wgan_run, tmp_path):
+    cfg = compose_config(
+        "train", [*GAN_TINY, "loss=wasserstein", f"ckpt_path={wgan_run / 'checkpoints' / 'last.ckpt'}",
+                  "trainer.max_steps=16"], tmp_path,
+    )
+    train(cfg)
+    ckpt = _checkpoint(tmp_path)
+    # From 9 critic + 1 generator steps: the 10th critic step is followed by the 2nd generator step.
+    assert ckpt["global_step"] == 16 and ckpt["gan"] == {"critic_steps": 14, "generator_steps": 2}
+    assert _adam_steps(ckpt) == [2, 14]
+    assert min(step for step, _ in _scalars(tmp_path, "train/critic_loss")) == 12
+
+
+def test_precision_16_trains_the_wgan_gp(tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, where precision=16 runs float16")
+    overrides = ["loss=wasserstein", "trainer.precision=16", "trainer.max_steps=6"]
+    cfg = compose_config("train", [*GAN_TINY, *overrides], tmp_path)
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert "training runs bf16-mixed instead" in caplog.text
+    assert _checkpoint(tmp_path)["gan"] == {"critic_steps": 5, "generator_steps": 1}
+    assert np.isfinite([v for _, v in _scalars(tmp_path, "train/gradient_penalty")]).all()
+
+
+def test_gradient_clipping_bounds_each_networks_gradient(tmp_path):
+    train(compose_config("train", [*GAN_TINY, "model.gradient_clip_val=0.001", "trainer.max_steps=2"], tmp_path))
+    # After Adam's first step exp_avg = (1 - β₁)·g, with β₁ = 0.5 for loss=bce: the gradient that was applied.
+    for opt in _checkpoint(tmp_path)["optimizer_states"]:
+        applied = torch.cat([2 * state["exp_avg"].flatten() for state in opt["state"].values()])
+        assert applied.norm() <= 0.001 * 1.001
+    assert min(v for _, v in _scalars(tmp_path, "train/grad_norm_critic")) > 0.01  # the norm before clipping
+
+
+def test_sample_script_on_a_gan_checkpoint(wgan_run, tmp_path):
+    ckpt = wgan_run / "checkpoints" / "last.ckpt"
+    result = run_script(
+        "sample.py", f"ckpt_path={ckpt}", "num_samples=4", "labels=[3,7]", "sampler=ddim", "steps=5",
+        f"output_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sampler, steps do not apply to GANModule and are ignored" in result.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "00000_3.png", "00001_7.png", "00002_3.png", "00003_7.png", "grid.png"
+    ]
+    assert np.asarray(Image.open(tmp_path / "00000_3.png")).shape == (16, 16)
+
+
+def test_gan_samples_follow_seed_and_label(wgan_run):
+    model = load_generator(wgan_run / "checkpoints" / "last.ckpt")
+    a = model.sample(3, labels=[1], seed=5, batch_size=3)
+    assert torch.equal(a, model.sample(3, labels=[1], seed=5, batch_size=2))
+    assert not torch.equal(a, model.sample(3, labels=[1], seed=6))
+    assert not torch.equal(a, model.sample(3, labels=[2], seed=5))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["~loss"], "model=gan needs a loss: pass loss=bce, loss=hinge or loss=wasserstein"),
+        (["loss=wasserstein", "model.discriminator.norm=batch"],
+         "model.discriminator.norm=batch cannot be used with loss=wasserstein"),
+        (["data.image_size=24"], "data.image_size=24 does not fit the DCGAN generator"),
+        (["model.generator.norm=group"], "model.generator.norm='group' is not known; choose one of: batch, layer"),
+        (["loss.n_critic=0"], "loss.n_critic=0 must be an integer of at least 1"),
+        (["+loss.lambda=10"], "loss.lambda is not an option; the loss takes: name, n_critic"),
+    ],
+)
+def test_bad_gan_options_are_refused_before_training(tmp_path, overrides, message):
+    cfg = compose_config("train", [*GAN_TINY, *overrides], tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_task(train, cfg)
+    assert message in str(exc.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_loss_for_a_model_without_one_is_a_one_line_error(tmp_path):
+    result = run_script("train.py", "model=ddpm", "loss=wasserstein", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: loss=wasserstein applies to model=gan only; model=ddpm has no loss option"
+    )
+
+
+@pytest.mark.slow
+def test_default_gan_draws_recognisable_digits(tmp_path):
+    """`python train.py model=gan` as it is; a classifier trained on the real digits then reads its samples."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fiberaug.data import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=16, channels=1, batch_size=2000, val_fraction=0.2, seed=0)
+    dm.setup()
+    (x_train, y_train), (x_val, y_val) = (next(iter(loader)) for loader in (dm.train_dataloader(), dm.val_dataloader()))
+    classifier = LogisticRegression(max_iter=3000).fit(x_train.flatten(1).numpy(), y_train.numpy())
+    assert classifier.score(x_val.flatten(1).numpy(), y_val.numpy()) > 0.9  # it reads real digits
+
+    train(compose_config("train", ["model=gan"], tmp_path))
+    model = load_generator(tmp_path / "checkpoints" / "last.ckpt")
+    images = model.sample(1000, seed=0)  # 100 of each class
+    accuracy = classifier.score(images.flatten(1).numpy(), model.label_indices(None, 1000).numpy())
+    assert accuracy > 0.8, f"a digits classifier reads only {accuracy:.1%} of the samples as their class"
