@@ -77,14 +77,18 @@ def test_other_losses_train_and_checkpoint(tmp_path, loss):
     assert np.isfinite([v for _, v in _scalars(tmp_path, "train/generator_loss")]).all()
 
 
-def test_n_critic_critic_steps_per_generator_step(tmp_path):
-    train(compose_config("train", [*GAN_TINY, "loss=wasserstein", "loss.n_critic=3"], tmp_path))
+def test_n_critic_critic_steps_per_generator_step_each_with_its_scheduler(tmp_path):
+    overrides = ["loss=wasserstein", "loss.n_critic=3", "model.warmup_steps=4"]
+    train(compose_config("train", [*GAN_TINY, *overrides], tmp_path))
     ckpt = _checkpoint(tmp_path)
     # Eight batches, each one critic step on its own real batch; the generator after every third.
     assert _adam_steps(ckpt) == [2, 8] and ckpt["global_step"] == 10
-    assert _scalars(tmp_path, "train/generator_step") == [
-        (1, 0), (2, 0), (4, 1), (5, 1), (6, 1), (8, 2), (9, 2), (10, 2)
-    ]
+    steps = [1, 2, 4, 5, 6, 8, 9, 10]
+    assert _scalars(tmp_path, "train/generator_step") == list(zip(steps, [0, 0, 1, 1, 1, 2, 2, 2]))
+    # Each warmup schedule advances with its own network's steps: lr · min(1, (steps + 1) / 4).
+    lr = lambda steps: pytest.approx(1e-4 * min(1.0, (steps + 1) / 4))  # noqa: E731
+    assert [v for _, v in _scalars(tmp_path, "lr/generator")] == [lr(n) for n in (0, 0, 1, 1, 1, 2, 2, 2)]
+    assert [v for _, v in _scalars(tmp_path, "lr/critic")] == [lr(n) for n in range(1, 9)]
 
 
 def test_losses_match_their_formulas():
@@ -162,6 +166,22 @@ def test_sizes_other_than_powers_of_two_from_16_are_refused(size):
     message = f"data.image_size={size} does not fit the DCGAN generator: it takes powers of two from 16 up"
     with pytest.raises(UserError, match=message):
         Generator(channels=1, image_size=size)
+
+
+def test_model_gan_config_and_command_line_precedence(tmp_path):
+    cfg = compose_config("train", ["model=gan"], tmp_path)
+    assert cfg.loss.name == "bce" and cfg.trainer.max_steps == 4000 and cfg.trainer.gradient_clip_val is None
+    assert cfg.callbacks.ema is None and cfg.callbacks.model_checkpoint.monitor is None
+    cfg = compose_config("train", ["model=gan", "loss=wasserstein", "model.latent_dim=32", "trainer.max_steps=7"])
+    assert (cfg.loss.name, cfg.loss.n_critic, cfg.model.latent_dim, cfg.trainer.max_steps) == ("wasserstein", 5, 32, 7)
+
+
+def test_unlabelled_images_train_an_unconditional_gan(image_folder, tmp_path):
+    data = ["data=folder", f"data.root={image_folder()}", "data.labels=none", "data.image_size=16", "data.channels=3"]
+    train(compose_config("train", [*GAN_TINY, *data, "trainer.max_steps=4"], tmp_path / "run"))
+    model = load_generator(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.num_classes == 0 and model.generator.embedding is None
+    assert model.sample(2, seed=0).shape == (2, 3, 16, 16)
 
 
 @pytest.mark.parametrize(("loss", "has_batchnorm"), [("wasserstein", False), ("bce", True)])
@@ -257,8 +277,13 @@ def test_a_loss_for_a_model_without_one_is_a_one_line_error(tmp_path):
     )
 
 
+def _spread_within_classes(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean pixel standard deviation within each class: near 0 when the generator draws one image per class."""
+    return torch.stack([images[labels == c].std(dim=0).mean() for c in labels.unique()]).mean().item()
+
+
 @pytest.mark.slow
-def test_default_gan_draws_recognisable_digits(tmp_path):
+def test_default_gan_draws_recognisable_and_varied_digits(tmp_path):
     """`python train.py model=gan` as it is; a classifier trained on the real digits then reads its samples."""
     from sklearn.linear_model import LogisticRegression
 
@@ -272,6 +297,8 @@ def test_default_gan_draws_recognisable_digits(tmp_path):
 
     train(compose_config("train", ["model=gan"], tmp_path))
     model = load_generator(tmp_path / "checkpoints" / "last.ckpt")
-    images = model.sample(1000, seed=0)  # 100 of each class
-    accuracy = classifier.score(images.flatten(1).numpy(), model.label_indices(None, 1000).numpy())
-    assert accuracy > 0.8, f"a digits classifier reads only {accuracy:.1%} of the samples as their class"
+    images, labels = model.sample(1000, seed=0), model.label_indices(None, 1000)  # 100 of each class
+    accuracy = classifier.score(images.flatten(1).numpy(), labels.numpy())
+    assert accuracy > 0.9, f"a digits classifier reads only {accuracy:.1%} of the samples as their class"
+    spread = _spread_within_classes(images, labels) / _spread_within_classes(x_train, y_train)
+    assert spread > 0.5, f"the samples vary only {spread:.0%} as much within a class as the real digits"

@@ -135,10 +135,8 @@ class GANModule(GenerativeModule):
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Log the gradient norm and clip it: Lightning calls this after unscaling float16 gradients."""
         is_generator = optimizer is self.trainer.optimizers[0]
-        net = self.generator if is_generator else self.discriminator
-        norm = grad_norm(net, norm_type=2).get("grad_2.0_norm_total")
-        if norm is not None:
-            self.log(f"train/grad_norm_{'generator' if is_generator else 'critic'}", norm)
+        name, net = ("generator", self.generator) if is_generator else ("critic", self.discriminator)
+        self.log(f"train/grad_norm_{name}", grad_norm(net, norm_type=2)["grad_2.0_norm_total"])
         if clip := self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
