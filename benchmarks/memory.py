@@ -1,7 +1,11 @@
-"""Peak memory and time of one diffusion training step: gradient checkpointing and mixed precision vs fp32.
+"""Peak memory and time of a diffusion training step: gradient checkpointing and mixed precision vs fp32.
 
     python benchmarks/memory.py                        # ContextUNet (model=ddpm) at 64x64, batch 16
-    python benchmarks/memory.py --model ddpm --image-size 128 --batch-size 8
+    python benchmarks/memory.py --model diffusers --image-size 128 --batch-size 16 experiment=unet128_pretrain
+    python benchmarks/memory.py --model diffusers_lora model.lora_on_random_base=true ...
+
+A step is forward, backward and the optimizer's update, so memory counts activations, gradients and
+optimizer state (not the weights themselves, nor an EMA copy).
 
 Each variant runs in a fresh process. Memory is what the first step adds: `torch.cuda.max_memory_allocated`
 on CUDA, the growth of the process's peak resident size on the CPU. Time is the mean of the next steps. Prints each variant's
@@ -39,12 +43,14 @@ def measure(args: argparse.Namespace, checkpointing: bool, precision: str | None
     batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device),
              torch.full((args.batch_size,), -1, device=device))
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    optimizer = model.configure_optimizers()["optimizer"]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=precision is not None):
             loss = model._loss(batch)
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # Memory: the first step against the state before it (the CPU's peak resident size only grows).
     if device.type == "cuda":

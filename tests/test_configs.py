@@ -30,22 +30,30 @@ def _build_training_objects(cfg: DictConfig) -> None:
     instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
+GROUPS = ("data", "model", "model/denoiser", "trainer", "logger", "callbacks", "experiment", "debug")
+# What some options need besides themselves: a folder, or a base for LoRA (here forced onto a random one).
+NEEDS = {
+    "data=folder": ["data.root=unused"],
+    "model=diffusers_lora": ["model.lora_on_random_base=true"],
+    "experiment=photos_ddpm": ["data.root=unused"],
+    "experiment=unet128_pretrain": ["data.root=unused"],
+    "experiment=unet128_lora": ["data.root=unused", "model.lora_on_random_base=true"],
+}
+
+
 def test_groups_have_options():
-    for group in (
-        "data", "augment", "loss", "model", "trainer", "logger", "callbacks", "paths", "hydra", "experiment", "debug"
-    ):
+    for group in (*GROUPS, "augment", "loss", "paths", "hydra"):
         assert _options(group), f"conf/{group}/ is empty"
 
 
 @pytest.mark.parametrize(
     "override",
-    [f"{group}={option}" for group in ("data", "model", "trainer", "logger", "callbacks", "experiment", "debug")
-     for option in _options(group)] + [f"model=gan loss={option}" for option in _options("loss")]
+    [f"{group}={option}" for group in GROUPS for option in _options(group)]
+    + [f"model=gan loss={option}" for option in _options("loss")]
     + ["~logger", "~callbacks.ema"],
 )
 def test_every_group_option_composes_and_builds(tmp_path, override):
-    extra = ["data.root=unused"] if override in ("data=folder", "experiment=photos_ddpm") else []
-    cfg = compose_config("train", [*override.split(), *extra], tmp_path)
+    cfg = compose_config("train", [*override.split(), *NEEDS.get(override, [])], tmp_path)
     _build_training_objects(cfg)
 
 

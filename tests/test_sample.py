@@ -59,7 +59,7 @@ def test_loaded_model_is_the_trained_one(trained_run):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt is not a file"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist"),
         (["labels=[giraffe]"], "labels: 'giraffe' is not a class of this model; it knows (index=name): 0=0"),
         (["labels=[10]"], "labels: 10 is not a class of this model"),
         (["sampler=euler"], "sampler='euler' is not available; choose one of: ddpm, ddim"),

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 class ImageDataModule(pl.LightningDataModule):
     """Splits a source of images deterministically by `seed` and serves augmented batches.
 
-    Subclasses implement `load_items`: the items, their labels and the class names.
+    Subclasses implement `load_items`: the items, their labels and the class names. `labels: none`
+    drops the labels, for an unconditional model.
     """
 
     def __init__(
@@ -39,9 +40,12 @@ class ImageDataModule(pl.LightningDataModule):
         resize_policy: str = "resize",
         crop_scale: float = 1.0,
         augment: Any = None,
+        labels: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if labels not in ("auto", "none"):
+            raise UserError(f"data.labels={labels!r} must be 'auto' (use the classes the data has) or 'none'")
         if not isinstance(image_size, int) or image_size < 4:
             raise UserError(f"data.image_size={image_size!r} must be an integer of at least 4")
         if channels not in (1, 3):
@@ -55,6 +59,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.pin_memory = pin_memory
         self.val_fraction = val_fraction
+        self.labels = labels
         self.seed = seed
         self.scaled_side = scaled_side(image_size, resize_policy, crop_scale)
         # Built now so that a bad pipeline or policy fails before anything is read.
@@ -81,6 +86,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         items, labels, self.class_names = self.load_items()
+        if self.labels == "none":
+            labels, self.class_names = None, []
         order = np.random.default_rng(self.seed).permutation(len(items))
         n_val = max(1, round(len(items) * self.val_fraction)) if self.val_fraction > 0 and len(items) > 1 else 0
         val_idx, train_idx = order[:n_val], order[n_val:]
@@ -132,17 +139,14 @@ class DigitsDataModule(ImageDataModule):
 
 
 class FolderDataModule(ImageDataModule):
-    """Every image below `root`; with `labels: auto`, top-level sub-folders are the classes.
+    """Every image below `root`; top-level sub-folders are the classes when every image lies in one.
 
-    Classes are used when every image lies inside a sub-folder; their sorted names give the indices.
+    The sorted sub-folder names give the class indices.
     """
 
-    def __init__(self, root: str | None = None, labels: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if labels not in ("auto", "none"):
-            raise UserError(f"data.labels={labels!r} must be 'auto' (sub-folders are classes) or 'none'")
         self.root = root
-        self.labels = labels
 
     @property
     def reader(self) -> Callable[[Any], np.ndarray]:
@@ -166,7 +170,7 @@ class FolderDataModule(ImageDataModule):
         if not paths:
             raise UserError(f"data.root={root}: none of its {len(bad)} image files could be read ({bad[0][1]})")
         parts = [p.relative_to(root).parts for p in paths]
-        if self.labels == "none" or any(len(part) == 1 for part in parts):
+        if any(len(part) == 1 for part in parts):
             if self.labels == "auto" and any(len(part) > 1 for part in parts):
                 log.warning("images lie both in %s and in its sub-folders: training without class labels", root)
             return paths, None, []

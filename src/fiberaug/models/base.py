@@ -114,11 +114,22 @@ class GenerativeModule(pl.LightningModule):
         checkpoint["fiberaug"] = {"module": f"{cls.__module__}.{cls.__qualname__}", "version": fiberaug.__version__}
 
 
-def load_generator(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
-    """Rebuild a model from a checkpoint written by `train.py`, importing only that model's code."""
+def load_generator(
+    ckpt_path: str | Path | None, adapter: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> GenerativeModule:
+    """Rebuild a model from a checkpoint written by `train.py` (importing only that model's code), or
+    from a diffusers export folder, optionally with a LoRA adapter folder."""
+    if not ckpt_path:
+        raise UserError("ckpt_path is not set: pass a run's checkpoints/last.ckpt or its export/ folder")
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        from fiberaug.models.diffusion import DiffusionModule
+
+        return DiffusionModule.from_export(path, adapter)
     if not path.is_file():
-        raise UserError(f"ckpt_path={path} is not a file; pass a .ckpt from a run's checkpoints/ folder")
+        raise UserError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt or its export/ folder")
+    if adapter:
+        raise UserError(f"adapter={adapter} applies to export folders; a LoRA run's .ckpt already holds its adapter")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for files that are not checkpoints

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
+import fiberaug
 from fiberaug.diffusion import denoise, guided, make_sampler, noise_scheduler
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 2.0}
 
@@ -22,9 +29,14 @@ class DiffusionModule(GenerativeModule):
 
     `denoiser` is a config with `_target_`: any callable returning an `nn.Module` with
     `forward(x, t, labels) -> eps` and `enable_gradient_checkpointing()`. It is called with `channels`,
-    `image_size` and `num_classes`, and built here so that the checkpoint's hyperparameters rebuild it.
+    `image_size` and `num_classes` (and `pretrained` when given), and built here so that the
+    checkpoint's hyperparameters rebuild it. Denoisers that can also have `add_lora(**config)` (for
+    `lora`), `config` (their architecture) and `save_pretrained(...)` (an export written when training
+    ends, to `<run dir>/export`).
+
     Labels are dropped to the "no label" index with probability `cond_drop_prob` during training, which
     teaches the same network the unconditional prediction that classifier-free guidance needs.
+    `lora` (PEFT `LoraConfig` arguments) freezes the pretrained denoiser and trains adapters only.
     """
 
     sampling_options = ("sampler", "steps", "eta", "guidance_scale")
@@ -43,15 +55,59 @@ class DiffusionModule(GenerativeModule):
         cond_drop_prob: float = 0.1,
         sampling: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        pretrained: str | None = None,
+        lora: Mapping[str, Any] | None = None,
+        lora_on_random_base: bool = False,
+        merge_lora: bool = False,
     ) -> None:
         super().__init__(class_names)
         self.save_hyperparameters(logger=False)
-        self.net = instantiate(denoiser, channels=channels, image_size=image_size, num_classes=self.num_classes)
+        self.net = self._build_denoiser(denoiser, channels, image_size, pretrained)
+        if lora:
+            self._add_lora(lora, pretrained, lora_on_random_base)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
         self.noise_scheduler = noise_scheduler(schedule, num_train_timesteps)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         make_sampler(self.noise_scheduler, self.sampling["sampler"], self.sampling["steps"])  # fail early
+
+    def _build_denoiser(
+        self, denoiser: Mapping[str, Any], channels: int, image_size: int, pretrained: str | None
+    ) -> torch.nn.Module:
+        if not pretrained:
+            return instantiate(denoiser, channels=channels, image_size=image_size, num_classes=self.num_classes)
+        if "pretrained" not in inspect.signature(get_object(denoiser["_target_"])).parameters:
+            raise UserError(f"model.pretrained applies to diffusers denoisers, not to {denoiser['_target_']}")
+        net = instantiate(
+            denoiser, channels=channels, image_size=image_size, num_classes=self.num_classes, pretrained=pretrained
+        )
+        if net.num_classes != self.num_classes:
+            if net.num_classes:
+                raise UserError(
+                    f"the UNet of model.pretrained={pretrained} knows {net.num_classes} classes, the data "
+                    f"{self.num_classes}: fine-tune on data with the same classes, or pretrain unconditionally"
+                )
+            log.warning("the UNet of model.pretrained=%s is unconditional: training ignores the labels", pretrained)
+            self.class_names = self.hparams.class_names = []
+        # Checkpoints rebuild the architecture from its config; their state_dict brings the weights.
+        self.hparams.denoiser = {**denoiser, "config": net.config}
+        return net
+
+    def _add_lora(self, lora: Mapping[str, Any], pretrained: str | None, on_random_base: bool) -> None:
+        if not hasattr(self.net, "add_lora"):
+            raise UserError(f"model.lora needs a denoiser with LoRA support (model=diffusers_lora), not {type(self.net).__name__}")
+        if not pretrained:
+            if not on_random_base:
+                raise UserError(
+                    "model.pretrained is not set: LoRA fine-tunes a pretrained UNet; pass model.pretrained=PATH "
+                    "(an export folder such as outputs/train/runs/<run>/export, or a hub id), or force LoRA "
+                    "on a randomly initialised UNet with model.lora_on_random_base=true"
+                )
+            log.warning("LoRA on a randomly initialised UNet (model.lora_on_random_base=true): expect little")
+        self.net.add_lora(**lora)
+        trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.net.parameters())
+        log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
     def _condition(self, labels: torch.Tensor) -> torch.Tensor | None:
         if not self.num_classes:
@@ -108,3 +164,68 @@ class DiffusionModule(GenerativeModule):
         eps_fn = guided(self.net, labels, self.num_classes, float(opts["guidance_scale"]))
         noise = self.noise((self.hparams.channels, self.hparams.image_size, self.hparams.image_size), generators)
         return denoise(eps_fn, sched, noise, generators, eta=float(opts["eta"]), progress=progress)
+
+    def on_train_end(self) -> None:
+        """Export denoisers that have a standard format (diffusers) to `<run dir>/export`, with the final weights."""
+        if hasattr(self.net, "save_pretrained") and self.trainer.is_global_zero:
+            folder = Path(self.trainer.default_root_dir) / "export"
+            self.net.save_pretrained(folder, self.noise_scheduler, self.export_metadata(), self.hparams.merge_lora)
+            log.info("exported the model to %s", folder)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What a diffusers folder does not hold: class names, sampling defaults, and the base of a LoRA adapter."""
+        base = self.hparams.pretrained if self.hparams.lora else None
+        if base and Path(base).expanduser().exists():
+            base = str(Path(base).expanduser().resolve())
+        return {
+            "fiberaug_version": fiberaug.__version__,
+            "class_names": self.class_names,
+            "schedule": self.hparams.schedule,
+            "sampling": self.sampling,
+            "base": base,
+        }
+
+    @classmethod
+    def from_export(cls, folder: str | Path, adapter: str | Path | None = None) -> DiffusionModule:
+        """A model from a diffusers export folder, plus a LoRA adapter folder when given.
+
+        A LoRA run's export holds only the adapter; its base is the folder recorded in `fiberaug.json`.
+        """
+        from fiberaug.nets.diffusers_unet import read_metadata
+
+        folder = Path(folder).expanduser()
+        meta = read_metadata(folder)
+        if (folder / "adapter_config.json").is_file():
+            if adapter or not meta.get("base"):
+                raise UserError(f"{folder} holds a LoRA adapter: pass its base export as ckpt_path and it as adapter=")
+            return cls.from_export(meta["base"], adapter=folder)
+        unet_path, scheduler_path = folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json"
+        if not (unet_path.is_file() and scheduler_path.is_file()):
+            raise UserError(f"{folder} is not a diffusers export (no unet/ and scheduler/); pass a .ckpt or an export/")
+        unet_config, scheduler_config = json.loads(unet_path.read_text()), json.loads(scheduler_path.read_text())
+        num_classes = max(0, (unet_config.get("num_class_embeds") or 0) - 1)
+        model = cls(
+            denoiser={"_target_": "fiberaug.nets.diffusers_unet.diffusers_unet"},
+            image_size=unet_config["sample_size"],
+            channels=unet_config["in_channels"],
+            class_names=meta.get("class_names", [str(i) for i in range(num_classes)]),
+            schedule=meta.get("schedule") or _schedule_name(scheduler_config, folder),
+            num_train_timesteps=scheduler_config["num_train_timesteps"],
+            sampling=meta.get("sampling"),
+            pretrained=str(folder),
+        )
+        if adapter:
+            model.net.load_adapter(Path(adapter).expanduser())
+        return model.eval()
+
+
+def _schedule_name(config: Mapping[str, Any], folder: Path) -> str:
+    """Our name for the noise schedule of a diffusers folder written elsewhere; refuse ones we cannot sample."""
+    linear = config.get("beta_schedule") == "linear" and (config.get("beta_start"), config.get("beta_end")) == (1e-4, 0.02)
+    cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
+    if config.get("prediction_type", "epsilon") != "epsilon" or not (linear or cosine):
+        raise UserError(
+            f"{folder}/scheduler has beta_schedule={config.get('beta_schedule')!r}, prediction_type="
+            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with linear (1e-4 to 0.02) or cosine betas"
+        )
+    return "linear" if linear else "cosine"

@@ -29,7 +29,7 @@ def sample(cfg: DictConfig) -> Path:
     if (out / "grid.png").exists() and not cfg.overwrite:
         raise UserError(f"output_dir={out} already holds samples (grid.png); choose another or pass overwrite=true")
     device = resolve_device(cfg.device)
-    model = load_generator(cfg.ckpt_path).to(device)
+    model = load_generator(cfg.ckpt_path, cfg.get("adapter")).to(device)
 
     requested = {k: cfg.get(k) for k in ("sampler", "steps", "eta", "guidance_scale") if cfg.get(k) is not None}
     ignored = sorted(set(requested) - set(model.sampling_options))
