@@ -30,9 +30,10 @@ class DiffusionModule(GenerativeModule):
     `denoiser` is a config with `_target_`: any callable returning an `nn.Module` with
     `forward(x, t, labels) -> eps` and `enable_gradient_checkpointing()`. It is called with `channels`,
     `image_size` and `num_classes` (and `pretrained` when given), and built here so that the
-    checkpoint's hyperparameters rebuild it. Denoisers that can also have `add_lora(**config)` (for
-    `lora`), `config` (their architecture) and `save_pretrained(...)` (an export written when training
-    ends, to `<run dir>/export`).
+    checkpoint's hyperparameters rebuild it. Optional abilities of a denoiser: `add_lora(**config)` (for
+    `lora`), `config` (its architecture, recorded so that checkpoints of a pretrained denoiser rebuild
+    without the pretrained files) and `save_pretrained(...)` (an export to `<run dir>/export` when
+    training ends).
 
     Labels are dropped to the "no label" index with probability `cond_drop_prob` during training, which
     teaches the same network the unconditional prediction that classifier-free guidance needs.
@@ -95,7 +96,9 @@ class DiffusionModule(GenerativeModule):
 
     def _add_lora(self, lora: Mapping[str, Any], pretrained: str | None, on_random_base: bool) -> None:
         if not hasattr(self.net, "add_lora"):
-            raise UserError(f"model.lora needs a denoiser with LoRA support (model=diffusers_lora), not {type(self.net).__name__}")
+            raise UserError(
+                f"model.lora needs a denoiser with LoRA support (model=diffusers_lora), not {type(self.net).__name__}"
+            )
         if not pretrained:
             if not on_random_base:
                 raise UserError(
