@@ -38,10 +38,13 @@ def test_same_seed_same_images_whatever_the_batch_size(trained_run, tmp_path, sa
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     common = ["num_samples=4", "steps=3", f"sampler={sampler}", "eta=1.0"]
     a = _pixels(_sample(ckpt, tmp_path / "a", *common, "seed=7", "batch_size=4"))
+    again = _pixels(_sample(ckpt, tmp_path / "again", *common, "seed=7", "batch_size=4"))
     b = _pixels(_sample(ckpt, tmp_path / "b", *common, "seed=7", "batch_size=3"))
     c = _pixels(_sample(ckpt, tmp_path / "c", *common, "seed=8", "batch_size=4"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    assert a.keys() == again.keys() and all(np.array_equal(a[k], again[k]) for k in a)
+    # Another batch size draws the same noise; only the kernels' summation order may move a pixel by one level.
+    assert a.keys() == b.keys() and all(np.abs(a[k].astype(int) - b[k]).max() <= 1 for k in a)
+    assert any(np.abs(a[k].astype(int) - c[k]).max() > 1 for k in a)
 
 
 def test_labels_by_name_or_index_and_guidance(trained_run, tmp_path):
