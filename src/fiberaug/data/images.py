@@ -1,18 +1,22 @@
-"""Reading image files of any common mode into numpy arrays, and converting them to a channel count."""
+"""Reading and writing image files of any common mode as numpy arrays, and converting them to a channel count."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from fiberaug.files import write_atomic
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 # PIL modes kept as they are; everything else is converted to the nearest of these.
 _NATIVE_MODES = {"L", "LA", "RGB", "RGBA", "I;16", "I;16B", "I;16L"}
 _EXIF_ORIENTATION = 0x0112
+_FORMATS = {".bmp": "BMP", ".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
 
 
 def is_image_file(path: Path) -> bool:
@@ -90,6 +94,64 @@ def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     }
     op = ops.get(orientation)
     return np.ascontiguousarray(op(array)) if op else array
+
+
+def check_complete(data: bytes) -> None:
+    """Raise ValueError for an empty file, or a JPEG or PNG that stops before its end marker.
+
+    Some decoders (OpenCV's; Pillow with `ImageFile.LOAD_TRUNCATED_IMAGES`) fill the missing rows with grey
+    and report nothing, so the file's structure is checked. Other formats are left to their decoders.
+    """
+    if not data:
+        raise ValueError("empty file")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos = 8  # chunks: length, type, data, CRC
+        while pos + 8 <= len(data):
+            if data[pos + 4 : pos + 8] == b"IEND":
+                return
+            pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        raise ValueError(f"truncated or damaged PNG: its {len(data)} bytes end before the IEND chunk")
+    if data[:2] == b"\xff\xd8":
+        pos = 2  # header segments up to the first scan, whose entropy-coded data cannot contain FF D9
+        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:
+            pos += 1 if data[pos + 1] == 0xFF else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data.find(b"\xff\xd9", pos) < 0:
+            raise ValueError(f"truncated or damaged JPEG: its {len(data)} bytes end before the end-of-image marker")
+
+
+def encode_image(array: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
+    """The file bytes of an H×W×C array (as `read_image` gives) in the format `suffix` names.
+
+    Channels and bit depth are kept: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; uint8 or uint16. Every format but
+    JPEG is written losslessly; 16-bit colour goes through OpenCV (Pillow has no such mode). A combination the
+    format cannot hold (alpha in JPEG, 16 bits in WebP) raises ValueError.
+    """
+    fmt = _FORMATS.get(suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot write {suffix!r} files; known: {', '.join(IMAGE_EXTENSIONS)}")
+    if array.dtype == np.uint16 and array.shape[2] in (3, 4) and fmt in ("PNG", "TIFF"):
+        code = cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+        ok, encoded = cv2.imencode(suffix.lower(), cv2.cvtColor(array, code))
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a 16-bit {array.shape[2]}-channel {fmt}")
+        return encoded.tobytes()
+    if array.dtype not in (np.uint8, np.uint16) or (array.dtype == np.uint16 and array.shape[2] != 1):
+        raise ValueError(f"cannot write a {array.dtype} array of {array.shape[2]} channels as {fmt}")
+    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    options = {"JPEG": {"quality": jpeg_quality}, "WEBP": {"lossless": True}}.get(fmt, {})
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, fmt, **options)
+    except OSError as exc:  # Pillow's way of saying the format cannot hold this mode
+        raise ValueError(f"cannot write a {image.mode} image as {fmt}: {exc}") from exc
+    return buffer.getvalue()
+
+
+def write_image(path: Path, array: np.ndarray, jpeg_quality: int = 95) -> bytes:
+    """Write `array` to `path` in the format of its suffix (see `encode_image`), atomically; returns the bytes."""
+    data = encode_image(array, path.suffix, jpeg_quality)
+    write_atomic(path, data)
+    return data
 
 
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
