@@ -24,6 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from fiberaug.errors import UserError
 
 RESIZE_POLICIES = ("resize", "random_crop")
+PIPELINES_DIR = Path(__file__).resolve().parents[3] / "conf" / "augment"
+
+
+def resolve_pipeline(value: Any) -> Any:
+    """A pipeline named on a command line: a file of `conf/augment/` by name, else a path to a YAML/JSON file.
+
+    Anything else (a mapping) is returned as it is, for `load_spec`.
+    """
+    if not isinstance(value, (str, Path)):
+        return value
+    for path in (PIPELINES_DIR / f"{value}.yaml", Path(value)):
+        if path.is_file():
+            return path
+    names = ", ".join(sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml")))
+    raise UserError(f"augment={value}: not a pipeline of conf/augment/ ({names}) nor a YAML/JSON file")
 
 
 def load_spec(spec: Any) -> dict[str, Any]:
