@@ -31,10 +31,10 @@ TINY = [
 ]
 
 
-def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Compose `conf/<name>.yaml` as the scripts would, with the run dir set to `output_dir`."""
+def compose_config(name: str, overrides: list[str], output_dir: Path | None = None, conf: Path = CONF) -> DictConfig:
+    """Compose `<conf>/<name>.yaml` as the scripts would, with the run dir set to `output_dir`."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
     if output_dir is not None:
         HydraConfig().set_config(cfg)
@@ -87,3 +87,9 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+def augment_config(input_dir: Path, output_dir: Path, *overrides: str) -> DictConfig:
+    """augment.py's config (conf/batch/augment.yaml), in this process and with one worker unless overridden."""
+    return compose_config("augment", [f"input_dir={input_dir}", f"output_dir={output_dir}", "workers=1", *overrides],
+                          conf=CONF / "batch")
