@@ -141,6 +141,8 @@ def test_replay_reproduces_every_output_exactly(image_folder, tmp_path):
     images = {name for name in a if name.endswith(("_aug0.png", "_aug1.png", ".jpg", ".tif"))}
     assert len(images) == 18 and all(a[name] == b[name] for name in images)
     assert [r for r in records(tmp_path / "a") if r["status"] == "ok"] == records(tmp_path / "b")
+    with pytest.raises(SystemExit, match="is output_dir's own manifest"):
+        run_task(augment, augment_config(root, tmp_path / "a", f"replay={tmp_path / 'a' / 'manifest.jsonl'}"))
 
 
 def test_replay_reports_outputs_that_came_out_different(image_folder, tmp_path):

@@ -62,6 +62,8 @@ def augment(cfg: DictConfig) -> Summary:
     annotations = Annotations.configure(input_dir, cfg.mask_dir, cfg.yolo_dir, cfg.coco)
     categories, boxes = read_coco(cfg.coco) if cfg.coco else ([], {})
     if cfg.replay:
+        if Path(cfg.replay).resolve().parent == output_dir:
+            raise UserError(f"replay={cfg.replay} is output_dir's own manifest; replay into another output_dir")
         original, outputs = replay_outputs(Path(cfg.replay))
         spec, settings = original["spec"], {**settings, **{k: original["job"][k] for k in ("seed", "copies", "jpeg_quality")}}
         outputs = [replace(out, boxes=boxes.get(out.source, ())) for out in outputs]
