@@ -83,13 +83,15 @@ def main() -> None:
     for name, (images, workers) in variants.items():
         cmd = [sys.executable, __file__, "--variant", str(images), str(workers), "--size", str(args.size),
                "--copies", str(args.copies), "--augment", args.augment]
-        results[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+        results[name] = json.loads(lines[-1])
     one, many, big = results.values()
     print(f"N={args.images} images of {args.size}x{args.size}, copies={args.copies}, augment={args.augment}")
     print(f"{'variant':<24}{'outputs/s':>11}{'parent MiB':>12}{'growth MiB':>12}{'worker MiB':>12}")
     for name, r in results.items():
         worker = f"{r['worker_mib']:.0f}" if r["worker_mib"] else "in parent"
-        print(f"{name:<24}{r['outputs_per_s']:>11.1f}{r['parent_mib']:>12.0f}{r['parent_growth_mib']:>12.0f}{worker:>12}")
+        print(f"{name:<24}{r['outputs_per_s']:>11.1f}{r['parent_mib']:>12.0f}{r['parent_growth_mib']:>12.0f}"
+              f"{worker:>12}")
     print(f"throughput, {args.workers} workers / 1: {many['outputs_per_s'] / one['outputs_per_s']:.2f}")
     print(f"peak memory, 4N / N images: parent {big['parent_mib'] / many['parent_mib']:.2f}, "
           f"worker {big['worker_mib'] / many['worker_mib']:.2f}")

@@ -10,6 +10,7 @@ import pytest
 from conftest import augment_config, run_script, save
 from PIL import Image, ImageFile
 
+from fiberaug.augment.records import json_safe
 from fiberaug.tasks import run_task
 from fiberaug.tasks.augment import augment
 
@@ -60,7 +61,8 @@ def test_script_writes_outputs_manifest_run_file_and_summary(image_folder, tmp_p
     assert {r["source"] for r in ok} == {"cats/rgb0.png", "cats/rgb1.png", "cats/rgb2.png", "cats/alpha.png",
                                          "dogs/gray0.jpg", "dogs/gray1.jpg", "dogs/gray2.jpg", "dogs/deep16.png",
                                          "dogs/scan.tif"}  # notes.txt ignored
-    assert sorted(r["output"] for r in ok if r["source"] == "dogs/scan.tif") == ["dogs/scan_aug0.tif", "dogs/scan_aug1.tif"]
+    scans = sorted(r["output"] for r in ok if r["source"] == "dogs/scan.tif")
+    assert scans == ["dogs/scan_aug0.tif", "dogs/scan_aug1.tif"]
     assert all((out / r["output"]).is_file() for r in ok)
     assert len({r["seed"] for r in lines}) == 20
     broken = [r for r in lines if r["status"] == "error"]
@@ -82,6 +84,17 @@ def test_records_hold_the_parameters_drawn(image_folder, tmp_path):
     affine = next(t["params"] for t in drawn if t["name"] == "Affine")
     assert -8 <= affine["rotate"] <= 8 and np.array(affine["matrix"]).shape == (3, 3)
     assert any(not r["transforms"] for r in ok)  # p < 1: some outputs drew nothing
+
+
+def test_drawn_parameters_are_made_json_safe():
+    params = {"matrix": np.eye(3, dtype=np.float32), "noise_map": np.zeros((40, 50, 3), np.float32),
+              "scale": {"x": np.float64(0.5)}, "size": (np.int64(3), 4), "gamma": float("nan"), "flag": np.bool_(True)}
+    safe = json_safe(params)
+    assert json.loads(json.dumps(safe, allow_nan=False)) == {
+        "matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        "noise_map": {"array_shape": [40, 50, 3], "dtype": "float32"},  # image-sized: the seed redraws it
+        "scale": {"x": 0.5}, "size": [3, 4], "gamma": "nan", "flag": True,
+    }
 
 
 def test_modes_formats_and_alpha_are_kept(image_folder, tmp_path):

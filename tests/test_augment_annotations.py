@@ -37,7 +37,7 @@ def test_masks_and_yolo_boxes_move_with_their_images(tmp_path, inside):
     out = tmp_path / "out"
     augment(augment_config(root, out, CROP_FLIP, f"mask_dir={masks}", f"yolo_dir={labels}", "copies=2"))
 
-    mask_out, labels_out = ("masks/sub/a_aug1.png", "sub/a_aug1.txt") if inside else ("masks/sub/a_aug1.png", "labels/sub/a_aug1.txt")
+    mask_out, labels_out = "masks/sub/a_aug1.png", "sub/a_aug1.txt" if inside else "labels/sub/a_aug1.txt"
     (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if '"copy": 1' in line]
     assert record["source"] == "sub/a.jpg"  # the masks inside input_dir are not taken for images
     assert record["annotations"] == {"mask": mask_out, "labels": labels_out, "boxes_kept": 1, "boxes_dropped": 1}
@@ -45,7 +45,8 @@ def test_masks_and_yolo_boxes_move_with_their_images(tmp_path, inside):
     expected = np.zeros((20, 20), dtype=np.uint8)
     expected[5:15, 8:16] = 1  # box A, mirrored within the kept half
     assert np.array_equal(mask, expected)
-    assert np.array_equal(np.asarray(Image.open(out / "sub" / "a_aug1.jpg")) > 127, np.repeat(expected[..., None], 3, 2) > 0)
+    image = np.asarray(Image.open(out / "sub" / "a_aug1.jpg"))
+    assert np.array_equal(image > 127, np.repeat(expected[..., None], 3, axis=2) > 0)  # the image moved the same way
     cls, *box = (out / labels_out).read_text().split()
     assert cls == "0" and np.allclose([float(v) for v in box], [0.6, 0.5, 0.4, 0.5])
 

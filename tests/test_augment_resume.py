@@ -50,12 +50,13 @@ def latest(output_dir: Path) -> dict[str, dict]:
 def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, monkeypatch):
     (tmp_path / "slow_transform.py").write_text(SLOW)
     pipeline = tmp_path / "slow.yaml"
-    pipeline.write_text("transforms:\n  - {_target_: slow_transform.Slow, p: 1.0}\n  - {_target_: albumentations.HorizontalFlip}\n")
+    pipeline.write_text("transforms: [{_target_: slow_transform.Slow, p: 1}, {_target_: albumentations.VerticalFlip}]")
     root, out = folder(tmp_path / "in", 24), tmp_path / "out"
-    command = [sys.executable, str(ROOT / "augment.py"), f"input_dir={root}", f"output_dir={out}", f"augment={pipeline}",
-               "copies=2", "workers=2"]
+    command = [sys.executable, str(ROOT / "augment.py"), f"input_dir={root}", f"output_dir={out}",
+               f"augment={pipeline}", "copies=2", "workers=2"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    run = subprocess.Popen(command, env=env, start_new_session=True, **quiet)
     manifest, deadline = out / "manifest.jsonl", time.monotonic() + 120
     while not (manifest.is_file() and manifest.read_bytes().count(b"\n") >= 6) and time.monotonic() < deadline:
         time.sleep(0.005)

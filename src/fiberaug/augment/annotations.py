@@ -39,7 +39,7 @@ class Annotations:
             raise UserError(f"yolo_dir={yolo_dir} and coco={coco}: boxes come from one of them; pass only one")
         masks, labels = _folder("mask_dir", mask_dir), _folder("yolo_dir", yolo_dir)
         if masks == input_dir:
-            raise UserError(f"mask_dir={mask_dir} is input_dir; masks need a folder of their own, or they are taken for images")
+            raise UserError(f"mask_dir={mask_dir} is input_dir; masks need their own folder, or they count as images")
         return cls(masks, _root(masks, input_dir, "masks"), labels, _root(labels, input_dir, "labels"), bool(coco))
 
     def bbox_params(self) -> A.BboxParams | None:
@@ -99,7 +99,8 @@ def read_yolo(path: Path) -> tuple[list[str], np.ndarray]:
                 raise ValueError(f"{len(values)} values")
             boxes.append([float(v) for v in values[1:]])
         except ValueError as exc:
-            raise ValueError(f"{path.name} line {number}: {exc}; expected `class x_center y_center width height`") from None
+            expected = "expected `class x_center y_center width height`"
+            raise ValueError(f"{path.name} line {number}: {exc}; {expected}") from None
         classes.append(values[0])
     return classes, np.array(boxes, dtype=np.float64).reshape(-1, 4)
 

@@ -61,7 +61,8 @@ def file_sha256(path: Path) -> str | None:
 
 def versions() -> dict[str, str]:
     packages = ("fiberaug", "albumentations", "albucore", "numpy", "pillow")
-    return {"python": platform.python_version(), **{name: version(name) for name in packages}, "opencv": cv2.__version__}
+    return {"python": platform.python_version(), **{name: version(name) for name in packages},
+            "opencv": cv2.__version__}
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -151,13 +152,12 @@ def start_job(output_dir: Path, run: dict[str, Any], overwrite: bool) -> dict[st
     files its manifest names (only below output_dir) and its records; a non-empty folder without a job is
     refused unless `overwrite`, which writes into it without removing anything.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     run_path = output_dir / RUN_FILE
     if run_path.is_file():
         try:
             previous = json.loads(run_path.read_text())["job"]
         except (ValueError, KeyError) as exc:
-            raise UserError(f"{run_path} is not a run file of augment.py ({exc!r}); remove it or choose another output_dir") from None
+            raise UserError(f"{run_path} is not a run file of augment.py ({exc!r}); use another output_dir") from None
         if previous == run["job"] and not overwrite:
             remove_temp_files(output_dir)
             return latest_records(output_dir)
@@ -198,6 +198,6 @@ def replay_outputs(manifest: Path) -> tuple[dict[str, Any], list[Output]]:
         raise UserError(f"replay={manifest}: pass a manifest.jsonl that has the run.json of its job beside it")
     made: dict[str, Output | None] = {}
     for r in read_records(manifest):
-        ok = r["status"] == "ok"
-        made[r["output"]] = Output(r["source"], r["copy"], r["seed"], expected_sha256=r.get("output_sha256")) if ok else None
+        out = Output(r["source"], r["copy"], r["seed"], expected_sha256=r.get("output_sha256"))
+        made[r["output"]] = out if r["status"] == "ok" else None
     return json.loads(run_path.read_text()), [out for out in made.values() if out is not None]

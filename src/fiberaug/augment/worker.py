@@ -19,7 +19,7 @@ import numpy as np
 from fiberaug.augment.annotations import Annotations, format_yolo, read_yolo
 from fiberaug.augment.plan import Output
 from fiberaug.augment.records import json_safe
-from fiberaug.data.images import check_complete, read_image, write_image
+from fiberaug.data.images import check_complete, encode_image, read_image, write_image
 from fiberaug.data.pipelines import build_transforms
 from fiberaug.files import write_atomic
 
@@ -27,7 +27,9 @@ from fiberaug.files import write_atomic
 class Augmenter:
     """Makes outputs of one pipeline; each worker process builds one and calls it for every output it is given."""
 
-    def __init__(self, spec: Any, input_dir: Path, output_dir: Path, annotations: Annotations, jpeg_quality: int) -> None:
+    def __init__(
+        self, spec: Any, input_dir: Path, output_dir: Path, annotations: Annotations, jpeg_quality: int
+    ) -> None:
         self.compose = A.Compose(
             build_transforms(spec),
             bbox_params=annotations.bbox_params(),
@@ -38,7 +40,7 @@ class Augmenter:
         self.annotations, self.jpeg_quality = annotations, jpeg_quality
 
     def __call__(self, out: Output) -> dict[str, Any]:
-        """The output's record: `status` ok with what was drawn, or error with the reason; never raises for bad input."""
+        """The output's record: `status` ok with what was drawn, or error with the reason; bad input never raises."""
         record: dict[str, Any] = {"source": out.source, "source_sha256": None, "copy": out.copy, "seed": out.seed,
                                   "output": out.image}
         try:
@@ -48,12 +50,13 @@ class Augmenter:
             image = read_image(self.input_dir / out.source)
             targets, labels = self._targets(out, image)
             result = self._draw(image, out.seed, targets)
+            encoded = encode_image(result["image"], Path(out.image).suffix, self.jpeg_quality)
             extra = self._write_annotations(out, result, targets, labels)
-            written = write_image(self.output_dir / out.image, result["image"], self.jpeg_quality)
+            write_atomic(self.output_dir / out.image, encoded)
         except Exception as exc:  # one bad file must not stop the run: it is recorded instead
             return {**record, "status": "error", "error": f"{type(exc).__name__}: {exc}", "transforms": []}
         transforms = [{"name": name, "params": json_safe(params)} for name, params in result["applied_transforms"]]
-        record.update(output_sha256=hashlib.sha256(written).hexdigest(), status="ok", transforms=transforms)
+        record.update(output_sha256=hashlib.sha256(encoded).hexdigest(), status="ok", transforms=transforms)
         return {**record, "annotations": extra} if extra else record
 
     def _targets(self, out: Output, image: np.ndarray) -> tuple[dict[str, Any], list[str] | None]:
@@ -109,7 +112,7 @@ class Augmenter:
             extra["labels"] = self.annotations.labels_output(out.source, out.copy)
             write_atomic(self.output_dir / extra["labels"], format_yolo([labels[i] for i in kept], boxes))
         elif self.annotations.coco:
-            extra["boxes"] = [{**out.boxes[i], "bbox": [round(float(v), 2) for v in box]} for i, box in zip(kept, boxes)]
+            extra["boxes"] = [{**out.boxes[i], "bbox": [round(float(v), 2) for v in b]} for i, b in zip(kept, boxes)]
             extra["height"], extra["width"] = result["image"].shape[:2]
         if labels is not None or self.annotations.coco:
             extra["boxes_kept"], extra["boxes_dropped"] = len(kept), len(targets["bboxes"]) - len(kept)

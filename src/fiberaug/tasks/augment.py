@@ -58,21 +58,12 @@ def augment(cfg: DictConfig) -> Summary:
     """Augment input_dir into output_dir, or replay a manifest there; returns the summary it also logs."""
     start = time.perf_counter()
     input_dir, output_dir = check_folders(cfg.input_dir, cfg.output_dir)
-    settings = _settings(cfg)
     annotations = Annotations.configure(input_dir, cfg.mask_dir, cfg.yolo_dir, cfg.coco)
     categories, boxes = read_coco(cfg.coco) if cfg.coco else ([], {})
-    if cfg.replay:
-        if Path(cfg.replay).resolve().parent == output_dir:
-            raise UserError(f"replay={cfg.replay} is output_dir's own manifest; replay into another output_dir")
-        original, outputs = replay_outputs(Path(cfg.replay))
-        spec, settings = original["spec"], {**settings, **{k: original["job"][k] for k in ("seed", "copies", "jpeg_quality")}}
-        outputs = [replace(out, boxes=boxes.get(out.source, ())) for out in outputs]
-    else:
-        spec = load_spec(resolve_pipeline(cfg.augment))
-        outputs = plan_outputs(sources(input_dir, annotations.excluded(input_dir)), settings["copies"], settings["seed"], boxes)
+    spec, settings, outputs, recorded = _plan(cfg, input_dir, output_dir, annotations, boxes)
     _check_unique(outputs, annotations)
     run = _run_file(cfg, spec, input_dir, annotations, settings)
-    if cfg.replay and run["job"]["pipeline_sha256"] != original["job"]["pipeline_sha256"]:
+    if recorded not in (None, run["job"]["pipeline_sha256"]):
         log.warning("the pipeline serialises differently with the libraries here (%s): outputs may differ",
                     ", ".join(f"{k} {v}" for k, v in run["versions"].items()))
 
@@ -94,9 +85,27 @@ def augment(cfg: DictConfig) -> Summary:
     return summary
 
 
+def _plan(
+    cfg: DictConfig, input_dir: Path, output_dir: Path, annotations: Annotations, boxes: dict[str, tuple]
+) -> tuple[Any, dict[str, Any], list[Output], str | None]:
+    """The pipeline spec, settings and outputs of the run, and the pipeline hash a replayed job recorded."""
+    settings = _settings(cfg)
+    if not cfg.replay:
+        spec = load_spec(resolve_pipeline(cfg.augment))
+        names = sources(input_dir, annotations.excluded(input_dir))
+        return spec, settings, plan_outputs(names, settings["copies"], settings["seed"], boxes), None
+    if Path(cfg.replay).resolve().parent == output_dir:
+        raise UserError(f"replay={cfg.replay} is output_dir's own manifest; replay into another output_dir")
+    original, outputs = replay_outputs(Path(cfg.replay))
+    settings.update({key: original["job"][key] for key in ("seed", "copies", "jpeg_quality")})
+    outputs = [replace(out, boxes=boxes.get(out.source, ())) for out in outputs]
+    return original["spec"], settings, outputs, original["job"]["pipeline_sha256"]
+
+
 def _settings(cfg: DictConfig) -> dict[str, Any]:
     """The numeric options, checked; `workers` null becomes the number of CPU cores this process may use."""
-    bounds = {"copies": (1, None), "seed": (0, None), "workers": (0, None), "jpeg_quality": (1, 100), "contact_sheet": (0, None)}
+    bounds = {"copies": (1, None), "seed": (0, None), "workers": (0, None), "jpeg_quality": (1, 100),
+              "contact_sheet": (0, None)}
     settings = {key: cfg[key] for key in bounds}
     if settings["workers"] is None:
         settings["workers"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -127,7 +136,7 @@ def _run_file(cfg: DictConfig, spec: Any, input_dir: Path, annotations: Annotati
         raise UserError(f"augment={cfg.augment}: albumentations cannot serialise this pipeline ({exc})") from exc
     digest = hashlib.sha256(json.dumps(pipeline, sort_keys=True).encode()).hexdigest()
     folders = {"mask_dir": annotations.mask_dir, "yolo_dir": annotations.yolo_dir,
-               "coco": Path(cfg.coco).resolve() if cfg.coco else None, "replay": Path(cfg.replay).resolve() if cfg.replay else None}
+               **{key: Path(cfg[key]).resolve() if cfg[key] else None for key in ("coco", "replay")}}
     job = {
         "input_dir": str(input_dir),
         "pipeline_sha256": digest,
