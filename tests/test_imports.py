@@ -35,3 +35,10 @@ def test_training_path_imports_only_its_own_libraries(model):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"model={model}'s training path imported {result.stdout.strip()}"
+
+
+def test_augment_path_does_not_import_lightning():
+    """augment.py only reads, transforms and writes images: it starts without Lightning's import time."""
+    code = "import sys, fiberaug.tasks.augment; print('pytorch_lightning' in sys.modules or 'lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
