@@ -4,9 +4,11 @@
     python benchmarks/augment_throughput.py --images 100 --size 1024 --augment geometric --workers 4
 
 Each variant runs the augment task in a fresh process on a folder of synthetic PNGs. Throughput is outputs
-per second of the task (pool start included); memory is the peak resident size of the parent process and of
-the largest worker (`ru_maxrss`). Prints each variant's figures and the ratios: workers 2 vs 1 (should
-approach 2 on two free cores) and 4N vs N images (should stay near 1: memory does not grow with the folder).
+per second of the task (pool start included); "cores busy" is the CPU time of the process and its workers
+per second of it, which shows whether the cores were free (on a shared machine they may not be); memory is
+the peak resident size of the parent process and of the largest worker (`ru_maxrss`). Prints each variant's
+figures and the ratios: workers 2 vs 1 (should approach 2 on two free cores) and 4N vs N images (should stay
+near 1: memory does not grow with the folder).
 """
 
 from __future__ import annotations
@@ -48,17 +50,23 @@ def measure(args: argparse.Namespace, images: int, workers: int) -> dict[str, fl
                      f"augment={args.augment}", "contact_sheet=0"]
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("augment", overrides)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _cpu_seconds()
         start = time.perf_counter()
         summary = augment(cfg)
         seconds = time.perf_counter() - start
     assert summary.written == images * args.copies, summary
     return {
         "outputs_per_s": summary.written / seconds,
+        "cores_busy": (_cpu_seconds() - cpu) / seconds,
         "parent_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parent_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
         "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
+
+
+def _cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def main() -> None:
@@ -87,11 +95,11 @@ def main() -> None:
         results[name] = json.loads(lines[-1])
     one, many, big = results.values()
     print(f"N={args.images} images of {args.size}x{args.size}, copies={args.copies}, augment={args.augment}")
-    print(f"{'variant':<24}{'outputs/s':>11}{'parent MiB':>12}{'growth MiB':>12}{'worker MiB':>12}")
+    print(f"{'variant':<24}{'outputs/s':>11}{'cores busy':>12}{'parent MiB':>12}{'growth MiB':>12}{'worker MiB':>12}")
     for name, r in results.items():
         worker = f"{r['worker_mib']:.0f}" if r["worker_mib"] else "in parent"
-        print(f"{name:<24}{r['outputs_per_s']:>11.1f}{r['parent_mib']:>12.0f}{r['parent_growth_mib']:>12.0f}"
-              f"{worker:>12}")
+        print(f"{name:<24}{r['outputs_per_s']:>11.1f}{r['cores_busy']:>12.2f}{r['parent_mib']:>12.0f}"
+              f"{r['parent_growth_mib']:>12.0f}{worker:>12}")
     print(f"throughput, {args.workers} workers / 1: {many['outputs_per_s'] / one['outputs_per_s']:.2f}")
     print(f"peak memory, 4N / N images: parent {big['parent_mib'] / many['parent_mib']:.2f}, "
           f"worker {big['worker_mib'] / many['worker_mib']:.2f}")
