@@ -11,7 +11,7 @@ import torch
 from conftest import save
 from PIL import Image
 
-from fiberaug.data import DigitsDataModule, FolderDataModule, list_images, read_image, to_channels
+from fiberaug.data import DigitsDataModule, FolderDataModule, list_images, read_image, sized_pipeline, to_channels
 from fiberaug.errors import UserError
 
 
@@ -159,3 +159,17 @@ def test_list_images_skips_hidden_and_non_images(tmp_path):
     save(tmp_path / ".hydra" / "b.png", np.zeros((4, 4), dtype=np.uint8))
     (tmp_path / "c.txt").write_text("x")
     assert [p.name for p in list_images(tmp_path)] == ["a.PNG"]
+
+
+def test_seeded_pipeline_draws_each_transform_independently():
+    spec = {"transforms": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+                           {"_target_": "albumentations.VerticalFlip", "p": 0.5}]}
+    image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)  # the top-left pixel tells which flips ran
+
+    def corners() -> list[float]:
+        pipeline = sized_pipeline(4, augment=spec, seed=3)
+        return [float(pipeline(image=image)["image"][0, 0, 0]) for _ in range(40)]
+
+    first = corners()
+    assert first == corners(), "the same seed gave different augmentations"
+    assert set(first) == {0.0, 3.0, 12.0, 15.0}, "the two flips do not fire independently"

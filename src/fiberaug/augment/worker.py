@@ -9,7 +9,6 @@ areas transparent) and colour transforms never touch it.
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from fiberaug.augment.annotations import Annotations, format_yolo, read_yolo
 from fiberaug.augment.plan import Output
 from fiberaug.augment.records import json_safe
 from fiberaug.data.images import check_complete, encode_image, read_image, write_image
-from fiberaug.data.pipelines import build_transforms
+from fiberaug.data.pipelines import build_transforms, reseed
 from fiberaug.files import write_atomic
 
 
@@ -87,7 +86,7 @@ class Augmenter:
         data = {"image": colour.astype(np.float32) / 65535 if deep else np.ascontiguousarray(colour), **targets}
         if alpha is not None:
             data["alpha"] = alpha
-        self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        reseed(self.compose, seed)
         result = self.compose(**data)
         colour = result["image"] if result["image"].ndim == 3 else result["image"][..., None]
         if deep:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from fiberaug.data.images import to_channels
+from fiberaug.data.pipelines import reseed
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,11 @@ class AugmentedImages(Dataset):
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker, in each epoch, its own augmentation stream.
 
-    albumentations' `Compose` keeps its own generator, which every forked worker would otherwise copy,
-    so all workers (and, without persistent workers, all epochs) would draw the same augmentations.
+    The pipeline keeps its own generators, which every forked worker would otherwise copy, so all
+    workers (and, without persistent workers, all epochs) would draw the same augmentations.
     `torch.initial_seed()` differs per worker and per epoch and follows the run's seed.
     """
     seed = torch.initial_seed() % 2**32
-    dataset = get_worker_info().dataset
-    dataset.transform.set_random_seed(seed)
+    reseed(get_worker_info().dataset.transform, seed)
     np.random.seed(seed)
     random.seed(seed)

@@ -11,11 +11,13 @@ An empty list means no augmentation.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import numpy as np
 import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -83,6 +85,16 @@ def build_transforms(spec: Any) -> list[A.BasicTransform]:
     return transforms
 
 
+def reseed(pipeline: A.BaseCompose, seed: int) -> None:
+    """Give the whole pipeline one pair of generators seeded by `seed`.
+
+    albumentations' own `Compose(seed=)`/`set_random_seed` seeds every transform's generator with the
+    same value, so their draws coincide: two `p=0.5` flips fire together or not at all. One stream
+    shared by all transforms keeps them independent and still reproducible.
+    """
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def scaled_side(image_size: int, policy: str = "resize", crop_scale: float = 1.0) -> int:
     """The short side images are scaled to before cropping (see `sized_pipeline`)."""
     if policy not in RESIZE_POLICIES:
@@ -113,4 +125,7 @@ def sized_pipeline(
         *(build_transforms(augment) if train else []),
         crop(image_size, image_size, pad_if_needed=True),
     ]
-    return A.Compose(transforms, seed=seed)
+    pipeline = A.Compose(transforms)
+    if seed is not None:
+        reseed(pipeline, seed)
+    return pipeline
