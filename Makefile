@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-slow clean
+.PHONY: setup train test test-slow lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks train.py sample.py augment.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache src/*.egg-info

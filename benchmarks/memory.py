@@ -8,7 +8,8 @@ A step is forward, backward and the optimizer's update, so memory counts activat
 optimizer state (not the weights themselves, nor an EMA copy).
 
 Each variant runs in a fresh process. Memory is what the first step adds: `torch.cuda.max_memory_allocated`
-on CUDA, the growth of the process's peak resident size on the CPU. Time is the mean of the next steps. Prints each variant's
+on CUDA, the growth of the process's peak resident size on the CPU. Time is the mean of the next steps.
+Prints each variant's
 figures and their ratio to the fp32 baseline.
 """
 
@@ -38,7 +39,8 @@ VARIANTS = {
 def measure(args: argparse.Namespace, checkpointing: bool, precision: str | None) -> dict[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", [f"model={args.model}", f"model.gradient_checkpointing={checkpointing}", *args.overrides])
+        overrides = [f"model={args.model}", f"model.gradient_checkpointing={checkpointing}", *args.overrides]
+        cfg = compose("train", overrides)
     model = instantiate(cfg.model, image_size=args.image_size, channels=3, class_names=[]).to(device).train()
     batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device),
              torch.full((args.batch_size,), -1, device=device))
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the model, e.g. model.denoiser.base_channels=64")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.denoiser.base_channels=64")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args, **VARIANTS[args.variant])))
@@ -86,7 +88,8 @@ def main() -> None:
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", name, "--model", args.model, "--image-size", str(args.image_size),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), *args.overrides]
-        results[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        output = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[name] = json.loads(output.splitlines()[-1])
     base = results["fp32"]
     print(f"model={args.model} image_size={args.image_size} batch_size={args.batch_size} on {base['device']}")
     print(f"{'variant':<24}{'peak MiB':>10}{'ratio':>8}{'step s':>10}{'ratio':>8}")

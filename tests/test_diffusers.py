@@ -136,7 +136,7 @@ def test_lora_on_a_random_base_only_when_forced(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([*LORA, "model.pretrained=/no/such/export"], "model.pretrained=/no/such/export could not be loaded as a UNet2DModel"),
+        ([*LORA, "model.pretrained=/no/such/export"], "model.pretrained=/no/such/export could not be loaded"),
         ([*TINY, "+model.pretrained=BASE"], "model.pretrained applies to diffusers denoisers"),
         ([*LORA, "model.pretrained=BASE", "data.image_size=16"], "was trained at 8x8; set data.image_size=8"),
     ],

@@ -26,7 +26,8 @@ def test_output_matches_input_shape(channels, size):
 
 @pytest.mark.parametrize("size", [6, 10, 4])
 def test_unsupported_sizes_are_refused(size):
-    with pytest.raises(UserError, match=rf"data.image_size={size} does not fit ContextUNet .* multiples of 4 from 8 up"):
+    message = rf"data.image_size={size} does not fit ContextUNet .* multiples of 4 from 8 up"
+    with pytest.raises(UserError, match=message):
         ContextUNet(channels=1, image_size=size, channel_mults=(1, 2, 2))
 
 

@@ -40,8 +40,11 @@ def denoise(
     """Run `sampler` from `noise` to images in [-1, 1]; each sample draws its noise from its own generator.
 
     `eta` (DDIM only) scales the noise added per step: 0 is deterministic DDIM, 1 matches DDPM's variance.
+    DDIM re-derives the noise from the clipped x_0 (as GLIDE does): mixing a clipped x_0 with the raw
+    prediction ruins the first steps, where ᾱ_t is tiny and x_0's error huge (71% of default digit
+    samples recognisable instead of 99.8%).
     """
-    step_kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+    step_kwargs = {"eta": eta, "use_clipped_model_output": True} if isinstance(sampler, DDIMScheduler) else {}
     x = noise
     for t in tqdm(sampler.timesteps, desc="denoising", leave=False, disable=not progress):
         x = sampler.step(eps_fn(x, t.to(x.device)), t, x, generator=generators, **step_kwargs).prev_sample

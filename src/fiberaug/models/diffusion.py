@@ -224,11 +224,13 @@ class DiffusionModule(GenerativeModule):
 
 def _schedule_name(config: Mapping[str, Any], folder: Path) -> str:
     """Our name for the noise schedule of a diffusers folder written elsewhere; refuse ones we cannot sample."""
-    linear = config.get("beta_schedule") == "linear" and (config.get("beta_start"), config.get("beta_end")) == (1e-4, 0.02)
+    betas = (config.get("beta_start"), config.get("beta_end"))
+    linear = config.get("beta_schedule") == "linear" and betas == (1e-4, 0.02)
     cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
     if config.get("prediction_type", "epsilon") != "epsilon" or not (linear or cosine):
         raise UserError(
             f"{folder}/scheduler has beta_schedule={config.get('beta_schedule')!r}, prediction_type="
-            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with linear (1e-4 to 0.02) or cosine betas"
+            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with linear (1e-4 to 0.02) "
+            "or cosine betas"
         )
     return "linear" if linear else "cosine"

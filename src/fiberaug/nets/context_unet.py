@@ -109,7 +109,10 @@ class ContextUNet(nn.Module):
         self.gradient_checkpointing = False
         emb_dim = 4 * base_channels
         self.time_embedding = nn.Sequential(
-            SinusoidalEmbedding(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            SinusoidalEmbedding(base_channels),
+            nn.Linear(base_channels, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
         )
         self.class_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(channels, base_channels, 3, padding=1)
@@ -135,7 +138,8 @@ class ContextUNet(nn.Module):
                 self.up.append(block(ch + skips.pop(), width))
                 ch = width
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
+                self.up.append(upsample)
         self.out = nn.Sequential(_norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, channels, 3, padding=1)))
 
     def enable_gradient_checkpointing(self) -> None:

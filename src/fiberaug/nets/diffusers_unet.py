@@ -75,7 +75,7 @@ class DiffusersUNet(nn.Module):
     def save_pretrained(
         self, folder: Path, scheduler: SchedulerMixin, metadata: Mapping[str, Any], merge_lora: bool = False
     ) -> None:
-        """A diffusers pipeline folder; with LoRA, the adapter in PEFT's format (and the merged pipeline in `merged/`)."""
+        """A diffusers pipeline folder; with LoRA, the adapter in PEFT's format (and the merged pipeline in merged/)."""
         folder.mkdir(parents=True, exist_ok=True)
         if self.has_lora:
             self.unet.save_pretrained(str(folder))
