@@ -24,6 +24,22 @@ def test_linear_and_cosine_schedules_match_their_formulas():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("timesteps", [21, 50, 100, 250, 1000, 4000])
+def test_every_accepted_schedule_ends_in_pure_noise(schedule, timesteps):
+    """Sampling starts from N(0, I), so the forward process must reach it at t = T whatever T is."""
+    assert noise_scheduler(schedule, timesteps).alphas_cumprod[-1] < 1e-3
+
+
+def test_linear_betas_scale_with_the_number_of_timesteps():
+    betas = noise_scheduler("linear", 100).betas.double()
+    assert torch.allclose(betas, torch.linspace(1e-3, 0.2, 100, dtype=torch.float64), atol=1e-7)  # × 1000/100
+    with pytest.raises(UserError, match=r"num_train_timesteps=20 is too short .* use at least 21"):
+        noise_scheduler("linear", 20)
+    with pytest.raises(UserError, match="num_train_timesteps=0 must be a positive integer"):
+        noise_scheduler("cosine", 0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_forward_process_mean_and_variance(schedule):
     sched = noise_scheduler(schedule)
     t = torch.tensor([0, 250, 500, 999])

@@ -1,6 +1,6 @@
 """Diffusion maths shared by every denoiser: noise schedules (forward process) and samplers (reverse)."""
 
 from fiberaug.diffusion.sampling import denoise, guided
-from fiberaug.diffusion.schedules import BETA_SCHEDULES, SAMPLERS, make_sampler, noise_scheduler
+from fiberaug.diffusion.schedules import BETA_SCHEDULES, SAMPLERS, linear_betas, make_sampler, noise_scheduler
 
-__all__ = ["BETA_SCHEDULES", "SAMPLERS", "denoise", "guided", "make_sampler", "noise_scheduler"]
+__all__ = ["BETA_SCHEDULES", "SAMPLERS", "denoise", "guided", "linear_betas", "make_sampler", "noise_scheduler"]

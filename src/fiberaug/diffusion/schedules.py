@@ -9,6 +9,17 @@ from fiberaug.errors import UserError
 # Our short names for diffusers' `beta_schedule` values.
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 SAMPLERS: dict[str, type[SchedulerMixin]] = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+REFERENCE_TIMESTEPS = 1000  # the T that Ho et al.'s linear β range was chosen for
+
+
+def linear_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> tuple[float, float]:
+    """Ho et al.'s β range for T = 1000, scaled by 1000 / T as in Improved DDPM (Nichol & Dhariwal 2021).
+
+    Unscaled, a short schedule leaves most of the signal at t = T (ᾱ_T = 0.36 at T = 100) while
+    sampling starts from pure noise; scaled, ᾱ_T stays near e^-10 for every T.
+    """
+    scale = REFERENCE_TIMESTEPS / num_train_timesteps
+    return beta_start * scale, beta_end * scale
 
 
 def noise_scheduler(
@@ -20,11 +31,21 @@ def noise_scheduler(
 ) -> DDPMScheduler:
     """The forward process q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I) for epsilon prediction.
 
-    `linear`: β from `beta_start` to `beta_end` (Ho et al.); `cosine`: ᾱ_t from Nichol & Dhariwal, which
-    destroys small images less abruptly. `beta_start`/`beta_end` only apply to `linear`.
+    `linear`: β from `beta_start` to `beta_end` at T = 1000 (Ho et al.), scaled to other T (`linear_betas`);
+    `cosine`: ᾱ_t from Nichol & Dhariwal, which destroys small images less abruptly. Both end near pure
+    noise (ᾱ_T < 1e-3) for every T they accept.
     """
     if schedule not in BETA_SCHEDULES:
         raise UserError(f"model.schedule={schedule!r} is not known; choose one of: {', '.join(BETA_SCHEDULES)}")
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise UserError(f"model.num_train_timesteps={num_train_timesteps!r} must be a positive integer")
+    beta_start, beta_end = linear_betas(num_train_timesteps, beta_start, beta_end)
+    if schedule == "linear" and beta_end >= 1:
+        shortest = int(beta_end * num_train_timesteps) + 1  # the first T whose scaled β_end is below 1
+        raise UserError(
+            f"model.num_train_timesteps={num_train_timesteps} is too short for the linear schedule (its last β "
+            f"would be {beta_end:.2f} ≥ 1); use at least {shortest}, or model.schedule=cosine"
+        )
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=BETA_SCHEDULES[schedule],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from hydra.utils import get_object, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
 import fiberaug
-from fiberaug.diffusion import denoise, guided, make_sampler, noise_scheduler
+from fiberaug.diffusion import denoise, guided, linear_betas, make_sampler, noise_scheduler
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
 
@@ -225,12 +226,13 @@ class DiffusionModule(GenerativeModule):
 def _schedule_name(config: Mapping[str, Any], folder: Path) -> str:
     """Our name for the noise schedule of a diffusers folder written elsewhere; refuse ones we cannot sample."""
     betas = (config.get("beta_start"), config.get("beta_end"))
-    linear = config.get("beta_schedule") == "linear" and betas == (1e-4, 0.02)
+    expected = linear_betas(config["num_train_timesteps"])
+    linear = config.get("beta_schedule") == "linear" and all(map(math.isclose, betas, expected))
     cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
     if config.get("prediction_type", "epsilon") != "epsilon" or not (linear or cosine):
         raise UserError(
-            f"{folder}/scheduler has beta_schedule={config.get('beta_schedule')!r}, prediction_type="
-            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with linear (1e-4 to 0.02) "
-            "or cosine betas"
+            f"{folder}/scheduler has beta_schedule={config.get('beta_schedule')!r}, betas {betas}, prediction_type="
+            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with cosine betas or linear ones "
+            f"from {expected[0]:g} to {expected[1]:g} (1e-4 to 0.02 scaled by 1000/T)"
         )
     return "linear" if linear else "cosine"
