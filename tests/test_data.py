@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import save
 from PIL import Image
 
 from fiberaug.data import DigitsDataModule, FolderDataModule, list_images, read_image, sized_pipeline, to_channels
+from fiberaug.data.datasets import EpochSampler
 from fiberaug.errors import UserError
 
 
@@ -102,33 +104,80 @@ def test_large_photo_is_cut_by_random_crop_policy(tmp_path):
     assert next(iter(dm.val_dataloader()))[0].shape == (1, 3, 32, 32)
 
 
-def test_split_is_deterministic_by_seed():
-    def val_images(seed: int) -> list[bytes]:
-        dm = DigitsDataModule(image_size=8, channels=1, seed=seed)
+def test_split_is_fixed_by_its_own_seed_and_never_overlaps():
+    def split(**kwargs) -> tuple[list[bytes], list[bytes]]:
+        dm = DigitsDataModule(image_size=8, channels=1, **kwargs)
         dm.setup()
-        return [item.tobytes() for item in dm.val_set.items]
+        return [x.tobytes() for x in dm.train_set.items], [x.tobytes() for x in dm.val_set.items]
 
-    assert val_images(1) == val_images(1)
-    assert val_images(1) != val_images(2)
+    train, val = split(seed=1)
+    assert split(seed=2) == (train, val), "the training seed moved the split"
+    assert split(seed=1, split_seed=5)[1] != val
+    assert len(train) + len(val) == 1797 and len(val) == round(0.05 * 1797)
+    dm = DigitsDataModule(image_size=8)
+    dm.setup()
+    assert not {id(x) for x in dm.train_set.items} & {id(x) for x in dm.val_set.items}, "an image is in both"
 
 
-def test_workers_and_epochs_draw_different_augmentations(tmp_path):
+def _augmenting_folder(root, n: int = 8, num_workers: int = 0, seed: int = 0) -> FolderDataModule:
+    """n copies of one image under a strong random colour change: every difference between items is the draw."""
     image = np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    for i in range(8):
-        save(tmp_path / f"same{i}.png", image)
+    for i in range(n):
+        if not (root / f"same{i}.png").exists():
+            save(root / f"same{i}.png", image)
     spec = {"transforms": [{"_target_": "albumentations.RandomBrightnessContrast", "p": 1.0}]}
     dm = FolderDataModule(
-        root=str(tmp_path), image_size=16, batch_size=4, num_workers=2, val_fraction=0, augment=spec, seed=0
+        root=str(root), image_size=16, batch_size=2, num_workers=num_workers, val_fraction=0, augment=spec, seed=seed
     )
     dm.setup()
-    torch.manual_seed(0)
+    return dm
 
-    def epoch() -> list[torch.Tensor]:
-        return [images for images, _ in dm.train_dataloader()]  # batch 0 from worker 0, batch 1 from worker 1
 
-    first, second = epoch(), epoch()
-    assert not torch.allclose(first[0], first[1]), "both workers drew the same augmentations"
-    assert not torch.allclose(first[0], second[0]), "the second epoch repeated the first one's augmentations"
+def _epoch(dm: FolderDataModule, epoch: int) -> torch.Tensor:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return torch.cat([images for images, _ in loader])
+
+
+def test_augmentations_are_reproducible_and_do_not_depend_on_workers(tmp_path):
+    single = _epoch(_augmenting_folder(tmp_path), 0)
+    assert torch.equal(_epoch(_augmenting_folder(tmp_path, num_workers=2), 0), single)
+    assert torch.equal(_epoch(_augmenting_folder(tmp_path, num_workers=2), 0), single), "another run drew otherwise"
+    assert not torch.equal(_epoch(_augmenting_folder(tmp_path, seed=1), 0), single)
+
+
+def test_items_workers_and_epochs_draw_different_augmentations(tmp_path):
+    dm = _augmenting_folder(tmp_path, num_workers=2)
+    first, second = _epoch(dm, 0), _epoch(dm, 1)
+    # Batch 0 comes from worker 0, batch 1 from worker 1: all eight copies of the image must differ.
+    assert len({image.sum().item() for image in first}) == 8, "items were augmented alike"
+    assert not torch.equal(first.sort(0).values, second.sort(0).values), "the second epoch repeated the first"
+
+
+def test_each_rank_trains_on_its_own_shard_in_an_order_fixed_by_seed_and_epoch():
+    dataset = list(range(11))
+    shards = [list(EpochSampler(dataset, num_replicas=2, rank=rank, seed=3, epoch=4)) for rank in (0, 1)]
+    assert all(len(shard) == 5 for shard in shards)  # 11 = 2 * 5 + 1: the uneven tail is left out
+    assert not {i for _, i in shards[0]} & {i for _, i in shards[1]}, "two ranks got the same image"
+    assert {e for shard in shards for e, _ in shard} == {4}
+    assert shards[0] == list(EpochSampler(dataset, num_replicas=2, rank=0, seed=3, epoch=4))
+    assert shards[0] != list(EpochSampler(dataset, num_replicas=2, rank=0, seed=3, epoch=5))
+    assert shards[0] != list(EpochSampler(dataset, num_replicas=2, rank=0, seed=2, epoch=4))
+    resumed = EpochSampler(dataset, num_replicas=2, rank=0, seed=3, epoch=4)
+    resumed.resume(4, consumed=2)
+    assert list(resumed) == shards[0][2:] and len(resumed) == 5
+    resumed.set_epoch(5)
+    assert len(list(resumed)) == 5, "the skip applies to the interrupted epoch only"
+
+
+def test_each_rank_augments_its_images_differently(tmp_path):
+    dm = _augmenting_folder(tmp_path, n=4)
+    batches = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        batches.append(torch.cat([images for images, _ in dm.train_dataloader()]))
+    assert batches[0].shape == batches[1].shape == (2, 3, 16, 16)
+    assert not torch.allclose(batches[0], batches[1])
 
 
 @pytest.mark.parametrize(

@@ -98,3 +98,67 @@ def test_unknown_sampler_schedule_and_steps_are_refused():
         make_sampler(sched, "ddim", 0)
     with pytest.raises(UserError, match="model.schedule='sigmoid' is not known"):
         noise_scheduler("sigmoid")
+
+
+def _ddim_by_hand(eps_fn, sched, steps: int, x: torch.Tensor, seeds: list[int], eta: float) -> torch.Tensor:
+    """Song et al.'s DDIM update written out, with the noise re-derived from the clipped x_0 (GLIDE)."""
+    alpha_bar, T = sched.alphas_cumprod.double(), sched.config.num_train_timesteps
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x = x.double()
+    for t in make_sampler(sched, "ddim", steps).timesteps.tolist():
+        prev = t - T // steps
+        a_t, a_prev = alpha_bar[t], alpha_bar[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0 = ((x - (1 - a_t).sqrt() * eps_fn(x, t)) / a_t.sqrt()).clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens]).double()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + (sigma * z if eta > 0 else 0)
+    return x.clamp(-1, 1).float()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_as_configured_follows_the_clipped_update_and_eta(eta):
+    """FiberAug's DDIM (the project's schedule and sampler, not diffusers' defaults) against the formula.
+
+    The prediction puts x_0 far outside [-1, 1] at the first, noisiest step, so clipping and re-deriving
+    the noise from the clipped x_0 change the result, and eta = 1 adds noise that eta = 0 does not.
+    """
+    sched = noise_scheduler()
+    eps_fn = lambda x, t: 0.5 - 2.0 * x  # noqa: E731
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    seeds = [7, 8, 9]
+    got = denoise(eps_fn, make_sampler(sched, "ddim", 3), x, [torch.Generator().manual_seed(s) for s in seeds], eta=eta)
+    assert torch.allclose(got, _ddim_by_hand(eps_fn, sched, 3, x, seeds, eta), atol=2e-3)  # float32 vs float64
+    if eta:
+        other = denoise(eps_fn, make_sampler(sched, "ddim", 3), x, [torch.Generator().manual_seed(s) for s in seeds],
+                        eta=0.0)
+        assert (got - other).abs().max() > 0.05, "eta made no difference"
+
+
+class _LabelSpy(torch.nn.Module):
+    """A denoiser that predicts zero noise and records the labels it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append(labels)
+        return torch.zeros_like(x)
+
+
+def test_training_hides_labels_at_cond_drop_prob_so_guidance_has_an_unconditional_model():
+    from fiberaug.models.diffusion import DiffusionModule
+
+    model = DiffusionModule(denoiser={"_target_": "fiberaug.nets.ContextUNet", "base_channels": 8},
+                            image_size=8, channels=1, class_names=list("abcd"), cond_drop_prob=0.25)
+    model.net = _LabelSpy()
+    batch = (torch.zeros(4000, 1, 8, 8), torch.randint(0, 4, (4000,)))
+    torch.manual_seed(0)
+    model.train()
+    model._loss(batch)
+    hidden = (model.net.seen[-1] == 4).float().mean().item()  # 4 = the "no label" index
+    assert 0.22 < hidden < 0.28, f"{hidden:.1%} of the labels were hidden in training, not 25%"
+    model.eval()
+    model._loss(batch)
+    assert torch.equal(model.net.seen[-1], batch[1]), "labels were hidden outside training"

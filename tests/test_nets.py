@@ -59,3 +59,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         net(x, t, y).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _weights_used(output: torch.Tensor) -> set[int]:
+    """The ids of every leaf tensor with requires_grad that the autograd graph of `output` reaches."""
+    seen, leaves, todo = set(), set(), [output.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.add(id(fn.variable))
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def test_every_weight_the_forward_pass_uses_is_a_trained_parameter():
+    """The prototype built a fresh 1×1 skip convolution inside `forward`: untrained, and different at every call."""
+    net = _net(base_channels=8, channel_mults=(1, 2, 2)).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 600]), torch.tensor([0, 2])
+    out = net(x, t, y)
+    assert _weights_used(out) == {id(p) for p in net.parameters()}
+    assert torch.equal(out, net(x, t, y))

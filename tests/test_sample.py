@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import compose_config, run_script
 from PIL import Image
 
@@ -54,9 +55,13 @@ def test_labels_by_name_or_index_and_guidance(trained_run, tmp_path):
 
 
 def test_loaded_model_is_the_trained_one(trained_run):
-    model = load_generator(trained_run / "checkpoints" / "last.ckpt")
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    model = load_generator(ckpt)
     assert model.class_names == [str(i) for i in range(10)]
     assert model.hparams.image_size == 8 and not model.training
+    trained = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]  # the EMA weights
+    loaded = model.state_dict()
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
 
 
 @pytest.mark.parametrize(

@@ -37,13 +37,63 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
 
-def test_resume_continues_from_last_checkpoint(trained_run, tmp_path):
-    last = trained_run / "checkpoints" / "last.ckpt"
-    cfg = compose_config("train", [*TINY, f"ckpt_path={last}", "trainer.max_steps=14"], tmp_path)
-    train(cfg)
-    assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 14
-    steps = [e.step for e in _events(tmp_path).Scalars("train/loss")]
-    assert steps and min(steps) >= 10, f"the resumed run logged steps {steps} from before the checkpoint"
+def _ckpt(run_dir: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    """Bit-identical weights (the EMA average is `state_dict`), raw weights, EMA state and optimizer state."""
+    for key in ("state_dict", "current_model_state", "averaging_state"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for i, state in opt_a["state"].items():
+            assert all(torch.equal(v, opt_b["state"][i][k]) for k, v in state.items()), f"optimizer state of {i}"
+    assert a["global_step"] == b["global_step"]
+
+
+# Two DataLoader workers and a random pipeline: order, augmentations, timesteps, noise and label dropout all draw.
+RESUMABLE = [*TINY, "data.num_workers=2", "augment=geometric"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(compose_config("train", RESUMABLE, run_dir))
+    return _ckpt(run_dir)
+
+
+@pytest.mark.parametrize("stop", [5, 3], ids=["at an epoch boundary", "mid-epoch"])
+def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(uninterrupted, tmp_path, stop):
+    """Five batches an epoch: stopping at step 5 ends epoch 0, stopping at step 3 leaves two of its batches."""
+    train(compose_config("train", [*RESUMABLE, f"trainer.max_steps={stop}"], tmp_path / "first"))
+    resume = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_config("train", [*RESUMABLE, f"ckpt_path={resume}"], tmp_path / "resumed"))
+    _assert_same_state(_ckpt(tmp_path / "resumed"), uninterrupted)
+    steps = [e.step for e in _events(tmp_path / "resumed").Scalars("train/loss")]
+    assert steps and min(steps) >= stop, f"the resumed run logged steps {steps} from before the checkpoint"
+
+
+def test_best_checkpoint_ranks_every_validation_the_last_one_included(tmp_path, trained_run):
+    # Ranked by the step itself, the final validation is the best one by construction.
+    ranking = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=max"]
+    train(compose_config("train", [*TINY, *ranking], tmp_path))
+    assert [p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")] == ["best-epoch0001-step0000010.ckpt"]
+    # By val/loss (the default), the best file holds the lowest validation loss that was logged.
+    (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
+    logged = {e.step + 1: e.value for e in _events(trained_run).Scalars("val/loss")}
+    assert _global_step(best) == min(logged, key=logged.get)
+
+
+def test_best_score_carries_across_a_resume_into_a_new_run_dir(tmp_path):
+    # Ranked by the lowest step, nothing after the first validation can be better.
+    ranking = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"]
+    train(compose_config("train", [*TINY, *ranking, "trainer.max_steps=5"], tmp_path / "first"))
+    resume = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_config("train", [*TINY, *ranking, f"ckpt_path={resume}"], tmp_path / "resumed"))
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("best-*.ckpt")), "a worse model was saved as best"
+    (state,) = (v for k, v in _ckpt(tmp_path / "resumed")["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["best_model_score"] == 5 and Path(state["best_model_path"]).parent.parent == tmp_path / "first"
+    assert (tmp_path / "first" / "checkpoints" / "best-epoch0000-step0000005.ckpt").is_file()
 
 
 def test_precision_16_falls_back_to_bf16_on_cpu(tmp_path, caplog):

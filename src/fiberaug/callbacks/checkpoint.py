@@ -1,4 +1,5 @@
-"""Checkpointing whose `last.ckpt` is always the state at the end of training."""
+"""Checkpointing whose `last.ckpt` is always the state at the end of training, whose ranking sees every
+validation, the last one included, and whose best score survives a resume into a new run dir."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     Lightning refreshes `last.ckpt` only when it saves after a validation, so a run whose last
     validation came before its last step would resume from that earlier point. Saving in
     `on_train_end` would be too late: an EMA callback has by then copied its average over the raw
-    weights that a resume needs.
+    weights that a resume needs. That early save must not count as the step's save: Lightning skips
+    any save at a step it has saved already, and the validation that may still follow the final step
+    (or a GAN's epoch-end snapshot) has to be ranked.
     """
 
     def on_train_batch_end(
@@ -31,4 +34,16 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     def _save_final(self, trainer: pl.Trainer) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
+            previous = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = previous
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the ranking when a run resumes into another folder (Lightning drops it there), so the first
+        validation after a resume is saved as best only if it beats the best before it. Files of the earlier
+        run are never deleted: Lightning removes only checkpoints inside this run's own folder."""
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_k_models = state_dict.get("best_k_models", self.best_k_models)
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+        self.kth_value = state_dict.get("kth_value", self.kth_value)

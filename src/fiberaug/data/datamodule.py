@@ -10,22 +10,26 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fiberaug.data.datasets import AugmentedImages, seed_worker
+from fiberaug.data.datasets import AugmentedImages, EpochSampler
 from fiberaug.data.images import IMAGE_EXTENSIONS, list_images, read_image
 from fiberaug.data.pipelines import scaled_side, sized_pipeline
 from fiberaug.errors import UserError
+from fiberaug.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Splits a source of images deterministically by `seed` and serves augmented batches.
+    """Splits a source of images by `split_seed` and serves augmented batches drawn by `seed`.
 
-    Subclasses implement `load_items`: the items, their labels and the class names. `labels: none`
-    drops the labels, for an unconditional model.
+    The split has its own seed, so runs with different training seeds (a sweep) validate on the same
+    images. The training order is a function of (seed, epoch) and each image's augmentation of (seed,
+    epoch, index); under DDP each rank trains on its own shard. Subclasses implement `load_items`: the
+    items, their labels and the class names. `labels: none` drops the labels, for an unconditional model.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class ImageDataModule(pl.LightningDataModule):
         augment: Any = None,
         labels: str = "auto",
         seed: int = 0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if labels not in ("auto", "none"):
@@ -61,6 +66,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.labels = labels
         self.seed = seed
+        self.split_seed = split_seed
+        self._resume: tuple[int, int] | None = None  # (epoch, batches of it done) for a resumed run
         self.scaled_side = scaled_side(image_size, resize_policy, crop_scale)
         # Built now so that a bad pipeline or policy fails before anything is read.
         self.train_transform = sized_pipeline(image_size, resize_policy, crop_scale, augment, train=True, seed=seed)
@@ -88,7 +95,7 @@ class ImageDataModule(pl.LightningDataModule):
         items, labels, self.class_names = self.load_items()
         if self.labels == "none":
             labels, self.class_names = None, []
-        order = np.random.default_rng(self.seed).permutation(len(items))
+        order = np.random.default_rng(self.split_seed).permutation(len(items))
         n_val = max(1, round(len(items) * self.val_fraction)) if self.val_fraction > 0 and len(items) > 1 else 0
         val_idx, train_idx = order[:n_val], order[n_val:]
 
@@ -99,6 +106,7 @@ class ImageDataModule(pl.LightningDataModule):
                 self.reader,
                 transform,
                 self.channels,
+                self.seed,
             )
 
         self.train_set = subset(train_idx, self.train_transform)
@@ -108,23 +116,49 @@ class ImageDataModule(pl.LightningDataModule):
             len(self.train_set), len(self.val_set), self.num_classes, self.image_size, self.image_size, self.channels,
         )
 
-    def _loader(self, dataset: AugmentedImages, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: AugmentedImages, sampler: EpochSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            sampler=sampler,
+            drop_last=sampler is not None and len(sampler) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+            # Its own generator: starting an iterator then never draws from the global stream (see GenerativeModule).
+            generator=torch.Generator().manual_seed(derive_seed(self.seed)),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        trainer = self.trainer
+        # Lightning starts the first iterator before its first `set_epoch`, so a resumed run names its epoch here.
+        epoch, batches = self._resume or (0, 0)
+        sampler = EpochSampler(
+            self.train_set,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            seed=self.seed,
+            epoch=epoch,
+            epoch_of=(lambda: trainer.current_epoch) if trainer else None,
+        )
+        sampler.resume(epoch, batches * self.batch_size)
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return self._loader(self.val_set) if len(self.val_set) else []
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch to continue in and how many of its batches this rank has trained on, for a resumed run."""
+        if self.trainer is None:
+            return {}
+        epoch, batches = self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if batches >= self.trainer.num_training_batches:  # the epoch is done: the run continues with the next one
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches"])
 
 
 class DigitsDataModule(ImageDataModule):

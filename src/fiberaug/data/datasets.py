@@ -1,19 +1,24 @@
-"""A map-style dataset that decodes, augments and normalises images on the fly."""
+"""A map-style dataset that decodes, augments and normalises images on the fly, and the sampler that feeds it.
+
+Randomness is a function of (seed, epoch, index): the sampler's order of (seed, epoch), each item's
+augmentation of (seed, epoch, index). So a run draws the same whatever its number of DataLoader workers
+or processes, and a resumed run continues exactly where its checkpoint left off.
+"""
 
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler
 
 from fiberaug.data.images import to_channels
 from fiberaug.data.pipelines import reseed
+from fiberaug.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +26,9 @@ log = logging.getLogger(__name__)
 class AugmentedImages(Dataset):
     """`(image, label)` pairs: image C×H×W in [-1, 1], label the class index or -1 when unlabelled.
 
-    An item that fails to decode is skipped with a warning naming it and the next one is served, so
-    one damaged file never stops an epoch.
+    Items are asked for by index, or by `(epoch, index)` as `EpochSampler` yields them; the pipeline is
+    reseeded from (seed, epoch, index) for each item. An item that fails to decode is skipped with a
+    warning naming it and the next one is served, so one damaged file never stops an epoch.
     """
 
     def __init__(
@@ -32,18 +38,22 @@ class AugmentedImages(Dataset):
         read: Callable[[Any], np.ndarray],
         transform: A.Compose,
         channels: int,
+        seed: int = 0,
     ) -> None:
         self.items = list(items)
         self.labels = list(labels) if labels is not None else None
         self.read = read
         self.transform = transform
         self.channels = channels
+        self.seed = seed
         self.failed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        reseed(self.transform, derive_seed(self.seed, epoch, index))
         for offset in range(len(self.items)):
             i = (index + offset) % len(self.items)
             if i in self.failed:
@@ -60,14 +70,42 @@ class AugmentedImages(Dataset):
         raise RuntimeError(f"none of the {len(self.items)} images could be read")
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker, in each epoch, its own augmentation stream.
+class EpochSampler(DistributedSampler):
+    """Shuffles by (seed, epoch) and shards by rank, yielding `(epoch, index)` keys for `AugmentedImages`.
 
-    The pipeline keeps its own generators, which every forked worker would otherwise copy, so all
-    workers (and, without persistent workers, all epochs) would draw the same augmentations.
-    `torch.initial_seed()` differs per worker and per epoch and follows the run's seed.
+    A `DistributedSampler`, so Lightning keeps it as it is under DDP: every rank takes its own slice of
+    one permutation, with the tail that does not divide evenly left out, so no image is seen twice in an
+    epoch. `resume(epoch, consumed)` skips what this rank already trained on when a run resumes inside
+    an epoch. Lightning calls `set_epoch` before each epoch with its count of processed epochs, which
+    runs one ahead of the epoch it trains after a resume from an epoch's end; `epoch_of` (the trainer's
+    current epoch) overrides that count.
     """
-    seed = torch.initial_seed() % 2**32
-    reseed(get_worker_info().dataset.transform, seed)
-    np.random.seed(seed)
-    random.seed(seed)
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        epoch: int = 0,
+        epoch_of: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch = epoch
+        self.epoch_of = epoch_of
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.epoch_of() if self.epoch_of else epoch)
+
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Leave out the first `consumed` keys of `epoch`, which the interrupted run already trained on."""
+        self._skip = (epoch, consumed)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        indices = order[self.rank :: self.num_replicas].tolist()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1] :]
+        return iter([(self.epoch, i) for i in indices])

@@ -1,4 +1,5 @@
-"""What every FiberAug model shares: class names, seeded batched sampling, and self-describing checkpoints."""
+"""What every FiberAug model shares: class names, seeded batched sampling, and self-describing checkpoints
+that carry the random state an exact resume needs."""
 
 from __future__ import annotations
 
@@ -8,20 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from tqdm.auto import tqdm
 
 import fiberaug
 from fiberaug.errors import UserError
+from fiberaug.seeding import derive_seed, rng_states, set_rng_states
 
 Label = int | str
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index` of a run seeded `seed`: samples do not depend on batch size or order."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 class GenerativeModule(pl.LightningModule):
@@ -33,6 +29,7 @@ class GenerativeModule(pl.LightningModule):
     def __init__(self, class_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.class_names = list(class_names)
+        self._resumed_rng: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +93,8 @@ class GenerativeModule(pl.LightningModule):
         with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, num_samples, batch_size):
                 stop = min(start + batch_size, num_samples)
-                generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(start, stop)]
+                # Sample i's noise comes from (seed, i) alone, so it does not depend on batch size or order.
+                generators = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
                 batch_labels = label_idx[start:stop] if label_idx is not None else None
                 batches.append(self.generate(batch_labels, generators, progress=progress, **options).float().cpu())
                 bar.update(stop - start)
@@ -111,7 +109,23 @@ class GenerativeModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
-        checkpoint["fiberaug"] = {"module": f"{cls.__module__}.{cls.__qualname__}", "version": fiberaug.__version__}
+        checkpoint["fiberaug"] = {
+            "module": f"{cls.__module__}.{cls.__qualname__}",
+            "version": fiberaug.__version__,
+            "rng": rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_rng = checkpoint.get("fiberaug", {}).get("rng")
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams where the checkpoint left them (timesteps, noise, dropout).
+
+        Restored here, after the sanity check and the data loaders' start, neither of which draws from them.
+        """
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
 
 
 def load_generator(

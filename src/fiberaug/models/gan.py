@@ -151,6 +151,7 @@ class GANModule(GenerativeModule):
         checkpoint["gan"] = {"critic_steps": self.critic_steps, "generator_steps": self.generator_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         counters = checkpoint.get("gan", {})
         self.critic_steps = counters.get("critic_steps", 0)
         self.generator_steps = counters.get("generator_steps", 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from fiberaug.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# FiberAug's DataModules resume inside an epoch themselves (their state_dict), which this warning cannot see.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def resolve_precision(precision: str | int) -> str | int:
