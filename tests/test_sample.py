@@ -54,6 +54,22 @@ def test_labels_by_name_or_index_and_guidance(trained_run, tmp_path):
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000_7.png", "00001_3.png", "00002_7.png", "00003_3.png"]
 
 
+def test_guidance_scale_reaches_the_sampler(trained_run, tmp_path, monkeypatch):
+    """A 10-step model's samples saturate at ±1, which hides guidance; the scale handed on is checked instead."""
+    import fiberaug.models.diffusion as diffusion
+    from fiberaug.diffusion import guided
+
+    scales = []
+
+    def recording(net, labels, null_label, guidance_scale):
+        scales.append(guidance_scale)
+        return guided(net, labels, null_label, guidance_scale)
+
+    monkeypatch.setattr(diffusion, "guided", recording)
+    _sample(trained_run / "checkpoints" / "last.ckpt", tmp_path, "num_samples=2", "steps=2", "guidance_scale=3")
+    assert scales == [3.0]
+
+
 def test_loaded_model_is_the_trained_one(trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     model = load_generator(ckpt)

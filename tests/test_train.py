@@ -37,6 +37,13 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
 
+def test_checkpoints_hold_the_ema_average_beside_the_raw_weights(trained_run):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    changed = [k for k in raw if not torch.equal(ema[k], raw[k])]
+    assert len(changed) > len(raw) // 2, "the EMA weights are the raw weights"
+
+
 def _ckpt(run_dir: Path, name: str = "last.ckpt") -> dict:
     return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
 
