@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,6 +50,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # checkpoints keep them: evaluate.py rebuilds the same split from them
         if labels not in ("auto", "none"):
             raise UserError(f"data.labels={labels!r} must be 'auto' (use the classes the data has) or 'none'")
         if not isinstance(image_size, int) or image_size < 4:
@@ -75,6 +77,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.train_set: AugmentedImages | None = None
         self.val_set: AugmentedImages | None = None
+        self._record: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +91,26 @@ class ImageDataModule(pl.LightningDataModule):
     def reader(self) -> Callable[[Any], np.ndarray]:
         """Turns an item into an H×W×C array; the identity for in-memory arrays."""
         return np.asarray
+
+    def item_id(self, item: Any) -> str:
+        """The SHA-256 of an item's content (its array's bytes; a file's bytes for folders)."""
+        return hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of its data: the DataModule and the content hash of every image of each split.
+
+        The hashes name the images whatever folder they lie in later, so a task can refuse to test on
+        images the generator was trained on. Computed once, at the first checkpoint.
+        """
+        if self._record is None:
+            cls = type(self)
+            self._record = {
+                "datamodule": f"{cls.__module__}.{cls.__qualname__}",
+                "class_names": self.class_names,
+                "train": [self.item_id(item) for item in self.train_set.items],
+                "val": [self.item_id(item) for item in self.val_set.items],
+            }
+        return self._record
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -186,6 +209,13 @@ class FolderDataModule(ImageDataModule):
     def reader(self) -> Callable[[Any], np.ndarray]:
         # Decode no more than the short side the pipeline scales to (JPEG draft mode).
         return partial(read_image, min_side=self.scaled_side)
+
+    def item_id(self, item: Path) -> str:
+        digest = hashlib.sha256()
+        with open(item, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def load_items(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.root:

@@ -1,5 +1,6 @@
 """LightningModules. Each model lives in its own module so that importing one never imports another's libraries."""
 
-from fiberaug.models.base import GenerativeModule, load_generator
+from fiberaug.models.base import GenerativeModule
+from fiberaug.models.loading import load_generator, read_checkpoint
 
-__all__ = ["GenerativeModule", "load_generator"]
+__all__ = ["GenerativeModule", "load_generator", "read_checkpoint"]

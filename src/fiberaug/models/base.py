@@ -3,10 +3,8 @@ that carry the random state an exact resume needs."""
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -114,6 +112,9 @@ class GenerativeModule(pl.LightningModule):
             "version": fiberaug.__version__,
             "rng": rng_states(),
         }
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if hasattr(datamodule, "record"):  # which images trained it, for evaluation and the utility task
+            checkpoint["fiberaug"]["data"] = datamodule.record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_rng = checkpoint.get("fiberaug", {}).get("rng")
@@ -126,34 +127,3 @@ class GenerativeModule(pl.LightningModule):
         if self._resumed_rng is not None:
             set_rng_states(self._resumed_rng)
             self._resumed_rng = None
-
-
-def load_generator(
-    ckpt_path: str | Path | None, adapter: str | Path | None = None, map_location: str | torch.device = "cpu"
-) -> GenerativeModule:
-    """Rebuild a model from a checkpoint written by `train.py` (importing only that model's code), or
-    from a diffusers export folder, optionally with a LoRA adapter folder."""
-    if not ckpt_path:
-        raise UserError("ckpt_path is not set: pass a run's checkpoints/last.ckpt or its export/ folder")
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        from fiberaug.models.diffusion import DiffusionModule
-
-        return DiffusionModule.from_export(path, adapter)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt or its export/ folder")
-    if adapter:
-        raise UserError(f"adapter={adapter} applies to export folders; a LoRA run's .ckpt already holds its adapter")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for files that are not checkpoints
-        raise UserError(f"ckpt_path={path} could not be read as a checkpoint: {exc}") from exc
-    meta = checkpoint.get("fiberaug") if isinstance(checkpoint, dict) else None
-    if not meta:
-        raise UserError(f"ckpt_path={path} is not a FiberAug checkpoint (it has no 'fiberaug' entry)")
-    module_name, _, class_name = meta["module"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    model = cls(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
-    return model.eval()

@@ -52,7 +52,8 @@ def train(cfg: DictConfig) -> float | None:
         raise UserError(f"ckpt_path={ckpt_path} is not a file; pass a run's checkpoints/last.ckpt to resume")
 
     model_options = loss_option(cfg)
-    datamodule = instantiate(cfg.data, augment=cfg.get("augment"), _recursive_=False)
+    # Plain containers: the DataModule's arguments go into checkpoints, which load with weights_only=True.
+    datamodule = instantiate(cfg.data, augment=cfg.get("augment"), _recursive_=False, _convert_="all")
     datamodule.setup("fit")  # reads and checks the data, and finds the classes, before the model is built
     model = instantiate(
         cfg.model, image_size=datamodule.image_size, channels=datamodule.channels, class_names=datamodule.class_names,

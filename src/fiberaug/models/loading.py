@@ -1,0 +1,52 @@
+"""Rebuilding a trained model from what `train.py` wrote: a checkpoint, or a diffusers export folder.
+
+`sample.py`, `evaluate.py` and the utility task all start here. A checkpoint names its own class, so only
+that model's code (and libraries) is imported: a GAN checkpoint never imports diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fiberaug.errors import UserError
+from fiberaug.models.base import GenerativeModule
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A FiberAug checkpoint's contents; anything else is refused with a one-line error naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for files that are not checkpoints
+        raise UserError(f"ckpt_path={path} could not be read as a checkpoint: {exc}") from exc
+    if not isinstance(checkpoint, dict) or not checkpoint.get("fiberaug"):
+        raise UserError(f"ckpt_path={path} is not a FiberAug checkpoint (it has no 'fiberaug' entry)")
+    return checkpoint
+
+
+def load_generator(
+    ckpt_path: str | Path | None, adapter: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> GenerativeModule:
+    """Rebuild a model from a checkpoint written by `train.py` (importing only that model's code), or
+    from a diffusers export folder, optionally with a LoRA adapter folder."""
+    if not ckpt_path:
+        raise UserError("ckpt_path is not set: pass a run's checkpoints/last.ckpt or its export/ folder")
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        from fiberaug.models.diffusion import DiffusionModule
+
+        return DiffusionModule.from_export(path, adapter)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} does not exist; pass a run's checkpoints/last.ckpt or its export/ folder")
+    if adapter:
+        raise UserError(f"adapter={adapter} applies to export folders; a LoRA run's .ckpt already holds its adapter")
+    checkpoint = read_checkpoint(path, map_location)
+    module_name, _, class_name = checkpoint["fiberaug"]["module"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)
+    return model.eval()
