@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from fiberaug.errors import UserError
 from fiberaug.nets import Discriminator, Generator
@@ -125,3 +126,21 @@ def test_diffaugment_policy_is_parsed_and_checked():
     assert DiffAugment(None)(x) is x and DiffAugment("")(x) is x and DiffAugment([])(x) is x
     with pytest.raises(UserError, match="'colour' is not known; give a comma-separated subset of color, translation"):
         DiffAugment("colour,cutout")
+
+
+# --- Spectral norm and R1 ---------------------------------------------------------------------------------------
+
+
+def test_spectral_norm_bounds_the_largest_singular_value_of_every_weight():
+    torch.manual_seed(0)
+    disc = Discriminator(channels=3, image_size=16, num_classes=3, base_channels=8, extra_layers=1, spectral_norm=True)
+    layers = [m for m in disc.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
+    assert len(layers) == 5 and all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in layers)
+    for _ in range(30):  # one power iteration per forward pass in training mode
+        disc(torch.randn(2, 3, 16, 16), torch.tensor([0, 2]))
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma == pytest.approx(1.0, abs=0.01), m
+    plain = Discriminator(channels=3, image_size=16, num_classes=3, base_channels=8, extra_layers=1)
+    assert all(torch.linalg.matrix_norm(m.weight.flatten(1), ord=2) < 0.9 for m in plain.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))  # DCGAN's N(0, 0.02) weights, far from 1
