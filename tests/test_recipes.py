@@ -3,11 +3,21 @@ diffusion. Each against its definition, then through short training runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from conftest import compose_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_gan import GAN_TINY
 from torch import nn
 
+import fiberaug.models.gan as gan_module
 from fiberaug.errors import UserError
+from fiberaug.models import load_generator
+from fiberaug.models.gan import GANRecipe
+from fiberaug.models.gan_losses import r1_penalty
 from fiberaug.nets import Discriminator, Generator
 from fiberaug.nets.diffaugment import (
     DiffAugment,
@@ -20,6 +30,15 @@ from fiberaug.nets.diffaugment import (
     saturation,
     translate,
 )
+from fiberaug.tasks import run_task
+from fiberaug.tasks.train import train
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
 
 # --- DiffAugment: each op against its definition --------------------------------------------------------------
 
@@ -144,3 +163,129 @@ def test_spectral_norm_bounds_the_largest_singular_value_of_every_weight():
     plain = Discriminator(channels=3, image_size=16, num_classes=3, base_channels=8, extra_layers=1)
     assert all(torch.linalg.matrix_norm(m.weight.flatten(1), ord=2) < 0.9 for m in plain.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)))  # DCGAN's N(0, 0.02) weights, far from 1
+
+
+def test_r1_matches_hand_computation():
+    # D(x) = w·x + b has the gradient w everywhere: E‖∇D‖² = ‖w‖² = 25, and d/dw ‖w‖² = 2w.
+    w = torch.tensor([3.0, 0.0, 0.0, 4.0], requires_grad=True)
+    penalty = r1_penalty(lambda x, labels: x.flatten(1) @ w + 1.0, torch.randn(3, 1, 2, 2))
+    assert torch.isclose(penalty, torch.tensor(25.0))
+    penalty.backward()
+    assert torch.allclose(w.grad, 2 * w.detach())
+    # D(x) = (w·x)²/2 has the gradient (w·x)·w, so the penalty depends on where each real image is.
+    v = torch.tensor([1.0, -2.0, 0.5, 1.0])
+    real = torch.randn(5, 1, 2, 2)
+    expected = ((real.flatten(1) @ v).square() * v.square().sum()).mean()
+    assert torch.isclose(r1_penalty(lambda x, labels: (x.flatten(1) @ v).square() / 2, real), expected)
+
+
+def test_r1_runs_in_float32_under_autocast_and_with_gradient_checkpointing():
+    real, labels = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+
+    def critic(checkpointing: bool = False) -> Discriminator:
+        torch.manual_seed(0)
+        net = Discriminator(channels=3, image_size=16, num_classes=2, base_channels=8, extra_layers=1)
+        if checkpointing:
+            net.enable_gradient_checkpointing()
+        return net
+
+    x = real.clone().requires_grad_(True)
+    (grads,) = torch.autograd.grad(critic()(x, labels).sum(), x)
+    exact = grads.flatten(1).square().sum(1).mean()  # by hand, in float32
+    results = []
+    for checkpointing, autocast in [(False, False), (True, False), (False, True)]:
+        net = critic(checkpointing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            penalty = r1_penalty(net, real, labels)
+        penalty.backward()
+        assert penalty.dtype == torch.float32 and torch.isclose(penalty, exact, rtol=1e-5)
+        results.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert all(torch.allclose(grads, results[0], atol=1e-6) for grads in results[1:])
+
+
+def test_r1_gamma_auto_follows_stylegan2_ada():
+    auto = GANRecipe.from_config({"name": "bce", "r1_gamma": "auto"})
+    assert auto.r1 and auto.r1_weight(16, 64) == pytest.approx(0.0002 * 16**2 / 64)
+    assert auto.r1_weight(256, 32) == pytest.approx(0.0002 * 256**2 / 32)
+    assert GANRecipe.from_config({"name": "hinge", "r1_gamma": 10}).r1_weight(16, 64) == 10.0
+    assert not GANRecipe.from_config({"name": "bce"}).r1
+
+
+def test_r1_is_lazy_with_gamma_times_the_interval(tmp_path, monkeypatch):
+    """A stand-in penalty of 10⁴ makes R1's share of the logged critic loss readable: γ·interval/2·10⁴."""
+    steps = []
+
+    def huge_penalty(critic, real, labels=None):
+        steps.append(critic.__self__.critic_steps)
+        return r1_penalty(critic, real, labels) * 0 + 1e4
+
+    monkeypatch.setattr(gan_module, "r1_penalty", huge_penalty)
+    train(compose_config("train", [*GAN_TINY, "loss=hinge", "loss.r1_gamma=auto", "loss.r1_interval=3"], tmp_path))
+    assert steps == [0, 3]  # five critic steps, the first and the fourth regularised
+    gamma = 0.0002 * 16**2 / 16  # auto, for 16x16 images in batches of 16 (debug=fast)
+    critic_loss = _scalars(tmp_path, "train/critic_loss")  # each batch logs at its last optimizer step: 2, 4, ...
+    for step, loss in critic_loss.items():
+        r1 = gamma * 3 / 2 * 1e4 if step in (2, 8) else 0.0
+        assert 0 <= loss - r1 < 5, (step, loss)  # the hinge part lies within [0, 5) this early
+
+
+# --- The GAN options through train.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["r1", "wasserstein"])
+def test_every_critic_input_is_augmented_alike_in_a_training_run(tmp_path, monkeypatch, loss):
+    """Spies on DiffAugment's outputs and the discriminator's inputs: every image the discriminator sees, real
+    or generated, in the critic's step, the generator's and the penalties', comes out of the same DiffAugment."""
+    augmented, seen = [], []
+    augment_forward, disc_forward = DiffAugment.forward, Discriminator.forward
+
+    def spy_augment(self, x):
+        out = augment_forward(self, x)
+        augmented.append((self.policy, x, out))
+        return out
+
+    def spy_disc(self, x, labels=None):
+        seen.append(x)
+        return disc_forward(self, x, labels)
+
+    monkeypatch.setattr(DiffAugment, "forward", spy_augment)
+    monkeypatch.setattr(Discriminator, "forward", spy_disc)
+    options = ["model.diffaugment=[color,translation,cutout]", "model.discriminator.spectral_norm=true",
+               "trainer.precision=16", "model.gradient_checkpointing=true", "trainer.max_steps=6"]
+    if loss == "r1":
+        options.append("loss.r1_interval=2")
+    train(compose_config("train", [*GAN_TINY, f"loss={loss}", *options], tmp_path))
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # r1 (n_critic 1): 3 critic steps (2 real/fake + R1 at the 1st and 3rd) and 3 generator steps.
+    # wasserstein (n_critic 5): 5 critic steps (2 real/fake + 1 gradient penalty each), 1 generator step.
+    expected_calls = 3 * 2 + 2 + 3 if loss == "r1" else 5 * 3 + 1
+    assert ckpt["global_step"] == 6 and len(seen) == len(augmented) == expected_calls
+    assert {policy for policy, _, _ in augmented} == {("color", "translation", "cutout")}
+    assert not any(torch.equal(x, out) for _, x, out in augmented)
+    outputs = [out for _, _, out in augmented]
+    assert all(any(x is out for out in outputs) for x in seen), "the discriminator saw an un-augmented batch"
+    penalty = "train/r1_penalty" if loss == "r1" else "train/gradient_penalty"
+    assert np.isfinite(list(_scalars(tmp_path, penalty).values())).all()
+    assert any("parametrizations.weight.original" in k for k in ckpt["state_dict"])  # spectral norm
+    model = load_generator(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.augment.policy == ("color", "translation", "cutout")
+    assert model.sample(2, seed=0).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=r1", "loss.r1_gamma=-1"], "loss.r1_gamma=-1 must be a number of at least 0 (0: no R1 penalty) or auto"),
+        (["loss=r1", "loss.r1_gamma=lots"], "loss.r1_gamma='lots' must be a number of at least 0"),
+        (["loss=r1", "loss.r1_interval=0"], "loss.r1_interval=0 must be an integer of at least 1"),
+        (["loss=wasserstein", "+loss.r1_gamma=1"], "loss.r1_gamma=1 applies to loss=bce and loss=hinge"),
+        (["loss=r1", "model.discriminator.norm=batch"],
+         "model.discriminator.norm=batch cannot be used with loss=bce (r1_gamma=auto)"),
+        (["model.diffaugment=[color,zoom]"], "model.diffaugment=['color', 'zoom']: 'zoom' is not known"),
+    ],
+)
+def test_bad_recipe_options_are_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(SystemExit) as exc:
+        run_task(train, compose_config("train", [*GAN_TINY, *overrides], tmp_path))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
