@@ -3,19 +3,26 @@ diffusion. Each against its definition, then through short training runs."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY, compose_config
+from diffusers import DDPMPipeline
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_diffusers import UNET
 from test_gan import GAN_TINY
 from torch import nn
 
 import fiberaug.models.gan as gan_module
+from fiberaug.diffusion import denoise, make_sampler, make_weighting, min_snr_weights, noise_scheduler, training_target
 from fiberaug.errors import UserError
 from fiberaug.models import load_generator
+from fiberaug.models.diffusion import DiffusionModule
 from fiberaug.models.gan import GANRecipe
 from fiberaug.models.gan_losses import r1_penalty
 from fiberaug.nets import Discriminator, Generator
@@ -31,6 +38,7 @@ from fiberaug.nets.diffaugment import (
     translate,
 )
 from fiberaug.tasks import run_task
+from fiberaug.tasks.sample import sample
 from fiberaug.tasks.train import train
 
 
@@ -289,3 +297,190 @@ def test_bad_recipe_options_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(SystemExit) as exc:
         run_task(train, compose_config("train", [*GAN_TINY, *overrides], tmp_path))
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --- v-prediction and Min-SNR-γ ---------------------------------------------------------------------------------
+
+
+def _oracle(scheduler, x0: torch.Tensor):
+    """A perfect denoiser: knows x0, so from any x_t it infers the exact noise and returns the training target."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = scheduler.alphas_cumprod[t]
+        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        return training_target(scheduler, x0, eps, t.expand(x.shape[0]))
+
+    return predict
+
+
+def test_v_target_is_its_definition():
+    sched, x0, eps = noise_scheduler(prediction_type="v_prediction"), torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    t = torch.tensor([0, 400, 999])
+    alpha_bar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(training_target(sched, x0, eps, t), alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0)
+    assert torch.equal(training_target(noise_scheduler(), x0, eps, t), eps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_an_oracle_of_the_training_target_samples_x0(prediction_type, sampler, eta):
+    x0 = 0.9 * torch.tanh(torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    sched = noise_scheduler(prediction_type=prediction_type)
+    oracle = _oracle(sched, x0)
+    out = denoise(oracle, make_sampler(sched, sampler, 10), torch.randn(2, 1, 4, 4), gens(), eta=eta)
+    assert torch.allclose(out, x0, atol=1e-5)
+    # The same oracle read as the other prediction type ends a thousand times further off: the test tells them apart.
+    other = noise_scheduler(prediction_type="epsilon" if prediction_type == "v_prediction" else "v_prediction")
+    wrong = denoise(oracle, make_sampler(other, sampler, 10), torch.randn(2, 1, 4, 4), gens(), eta=eta)
+    assert (wrong - x0).abs().max() > 0.01
+
+
+class _LabelOracle(nn.Module):
+    """A DiffusionModule denoiser that knows one clean image per label, the "no label" index included."""
+
+    def __init__(self, scheduler, images: torch.Tensor) -> None:
+        super().__init__()
+        self.scheduler, self.images = scheduler, images
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _oracle(self.scheduler, self.images[labels])(x, t)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_extrapolates_x0_for_either_prediction_type(prediction_type, sampler):
+    """At every step the guided x0 is x0(∅) + w·(x0(y) − x0(∅)), so that is what the sampler ends at."""
+    model = DiffusionModule(
+        denoiser={"_target_": "fiberaug.nets.ContextUNet", "base_channels": 8, "channel_mults": [1, 2]},
+        image_size=4, channels=1, class_names=["a", "b"], prediction_type=prediction_type,
+    )
+    images = torch.stack([torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), -0.3), torch.full((1, 4, 4), 0.2)])
+    model.net = _LabelOracle(model.noise_scheduler, images)  # labels a, b and the "no label" row
+    out = model.sample(2, labels=["a", "b"], sampler=sampler, steps=8, guidance_scale=2.0)
+    assert torch.allclose(out[0], torch.full((1, 4, 4), 0.2 + 2.0 * (0.5 - 0.2)), atol=1e-4)
+    assert torch.allclose(out[1], torch.full((1, 4, 4), 0.2 + 2.0 * (-0.3 - 0.2)), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_formula(prediction_type):
+    sched = noise_scheduler("linear", prediction_type=prediction_type)
+    t = torch.tensor([0, 10, 50, 100, 300, 999])
+    alpha_bar = sched.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    denominator = snr if prediction_type == "epsilon" else snr + 1
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / denominator
+    assert torch.allclose(min_snr_weights(sched, t, gamma=5.0).double(), expected, rtol=1e-5)
+    assert torch.allclose(make_weighting("min_snr", 2.0)(sched, t).double(),
+                          torch.minimum(snr, torch.tensor(2.0, dtype=torch.float64)) / denominator, rtol=1e-5)
+    assert snr[0] > 5 > snr[-1]  # the timesteps reach both sides of γ
+    assert make_weighting("none") is None
+
+
+def test_min_snr_weighs_each_samples_loss():
+    model = DiffusionModule(
+        denoiser={"_target_": "fiberaug.nets.ContextUNet", "base_channels": 8, "channel_mults": [1, 2]},
+        image_size=8, channels=1, prediction_type="v_prediction", loss_weighting="min_snr", min_snr_gamma=2.0,
+    )
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    loss = model._loss((images, torch.zeros(6, dtype=torch.long)), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws as _loss makes
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    sched = model.noise_scheduler
+    with torch.no_grad():
+        per_sample = (model.net(sched.add_noise(images, noise, t), t, None) - sched.get_velocity(images, noise, t))
+    per_sample = per_sample.square().flatten(1).mean(1)
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert torch.isclose(loss, (per_sample * snr.clamp(max=2.0) / (snr + 1)).mean(), rtol=1e-5)
+    assert not torch.isclose(loss, per_sample.mean(), rtol=1e-2)  # the weights matter
+
+
+def test_v_prediction_with_min_snr_trains_in_mixed_precision_with_checkpointing(tmp_path):
+    options = ["model.prediction_type=v_prediction", "model.loss_weighting=min_snr", "trainer.precision=16",
+               "model.gradient_checkpointing=true", "trainer.max_steps=3"]
+    train(compose_config("train", [*TINY, *options], tmp_path))
+    losses = list(_scalars(tmp_path, "train/loss").values())
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    model = load_generator(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.noise_scheduler.config.prediction_type == "v_prediction" and model.hparams.loss_weighting == "min_snr"
+    assert (tmp_path / "samples" / "epoch0000-step0000003.png").is_file()  # sampled when training ended
+
+
+@pytest.fixture(scope="module")
+def v_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny unconditional diffusers UNet trained for v through train.py; returns its run dir."""
+    run_dir = tmp_path_factory.mktemp("v_unet")
+    train(compose_config("train", [*UNET, "data.labels=none", "model.prediction_type=v_prediction",
+                                   "trainer.max_steps=3"], run_dir))
+    return run_dir
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_v_export_samples_through_sample_py_as_its_checkpoint(v_export, tmp_path):
+    config = json.loads((v_export / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
+    assert DiffusionModule.from_export(v_export / "export").noise_scheduler.config.prediction_type == "v_prediction"
+    images = {}
+    for source in ("export", "checkpoints/last.ckpt"):
+        out = tmp_path / source.replace("/", "_")
+        sample(compose_config("sample", [f"ckpt_path={v_export / source}", "num_samples=2", "steps=3",
+                                         f"output_dir={out}"]))
+        images[source] = _pixels(out)
+    assert list(images["export"]) == ["00000.png", "00001.png", "grid.png"]
+    assert all(np.array_equal(images["export"][k], images["checkpoints/last.ckpt"][k]) for k in images["export"])
+
+
+def test_a_v_export_written_elsewhere_is_read_as_v(v_export, tmp_path):
+    """Without fiberaug.json (a folder from plain diffusers) the schedule and prediction type come from scheduler/."""
+    shutil.copytree(v_export / "export", tmp_path / "export", ignore=shutil.ignore_patterns("fiberaug.json"))
+    model = DiffusionModule.from_export(tmp_path / "export")
+    assert model.noise_scheduler.config.prediction_type == "v_prediction" and model.hparams.schedule == "cosine"
+
+
+def test_v_export_samples_in_plain_diffusers_as_in_fiberaug(v_export):
+    """DDPMPipeline reads v from the export's scheduler: with the same noise it draws our DDPM sample."""
+    from fiberaug.models.base import sample_seed
+
+    pipeline = DDPMPipeline.from_pretrained(str(v_export / "export"))
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(sample_seed(4, 0))
+    theirs = pipeline(batch_size=1, num_inference_steps=5, generator=generator, output_type="np").images
+    ours = DiffusionModule.from_export(v_export / "export").sample(1, seed=4, sampler="ddpm", steps=5)
+    assert np.allclose(theirs[0], (ours[0].permute(1, 2, 0).numpy() + 1) / 2, atol=1e-4)
+
+
+def test_fine_tuning_needs_the_prediction_type_of_its_base(tmp_path):
+    denoiser = {"_target_": "fiberaug.nets.diffusers_unet.diffusers_unet", "block_out_channels": [16, 32],
+                "attention": [False, False], "norm_num_groups": 8}
+    base = DiffusionModule(denoiser=denoiser, image_size=8, channels=1, prediction_type="v_prediction")
+    base.net.save_pretrained(tmp_path, base.noise_scheduler, base.export_metadata())
+    with pytest.raises(UserError, match=f"model.pretrained={tmp_path} predicts v_prediction; set "
+                                        "model.prediction_type=v_prediction to fine-tune it"):
+        DiffusionModule(denoiser=denoiser, image_size=8, channels=1, pretrained=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.prediction_type=sample", "model.prediction_type='sample' is not known; choose one of: epsilon, v_"),
+        ("model.loss_weighting=p2", "model.loss_weighting='p2' is not known; choose one of: none, min_snr"),
+        ("model.min_snr_gamma=0", "model.min_snr_gamma=0 must be a positive number"),
+    ],
+)
+def test_bad_diffusion_options_are_one_line_errors(tmp_path, override, message):
+    overrides = [*TINY, override] + (["model.loss_weighting=min_snr"] if "gamma" in override else [])
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        run_task(train, compose_config("train", overrides, tmp_path))
+
+
+def test_every_new_option_defaults_to_the_previous_behaviour():
+    ddpm, gan = compose_config("train", []).model, compose_config("train", ["model=gan"])
+    assert (ddpm.prediction_type, ddpm.loss_weighting, ddpm.min_snr_gamma) == ("epsilon", "none", 5.0)
+    assert gan.model.diffaugment is None and gan.model.discriminator.spectral_norm is False
+    for loss in ("bce", "hinge"):
+        assert compose_config("train", ["model=gan", f"loss={loss}"]).loss.r1_gamma == 0
