@@ -277,7 +277,7 @@ def test_gan_samples_follow_seed_and_label(wgan_run):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["~loss"], "model=gan needs a loss: pass loss=bce, loss=hinge or loss=wasserstein"),
+        (["~loss"], "model=gan needs a loss: pass loss=bce, loss=hinge, loss=wasserstein or loss=r1"),
         (["loss=wasserstein", "model.discriminator.norm=batch"],
          "model.discriminator.norm=batch cannot be used with loss=wasserstein"),
         (["data.image_size=24"], "data.image_size=24 does not fit the DCGAN generator"),

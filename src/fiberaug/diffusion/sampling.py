@@ -1,4 +1,4 @@
-"""The reverse process: DDPM/DDIM denoising loops with classifier-free guidance, for any noise predictor."""
+"""The reverse process: DDPM/DDIM denoising loops with classifier-free guidance, for any ε or v predictor."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 def guided(net: Denoiser, labels: torch.Tensor | None, null_label: int, guidance_scale: float) -> EpsFn:
     """Classifier-free guidance: eps = eps(∅) + w · (eps(y) − eps(∅)); w = 1 is plain conditioning.
 
-    Conditional and unconditional predictions share one batch through the network.
+    Conditional and unconditional predictions share one batch through the network. The same mix of v
+    predictions is the same guidance: at a given x_t, ε and x0 are affine in v with weights that sum to one.
     """
     if labels is None or guidance_scale == 1.0:
         return lambda x, t: net(x, t, labels)
@@ -39,6 +40,7 @@ def denoise(
 ) -> torch.Tensor:
     """Run `sampler` from `noise` to images in [-1, 1]; each sample draws its noise from its own generator.
 
+    `eps_fn` predicts what the sampler's `prediction_type` says (ε or v); the sampler converts.
     `eta` (DDIM only) scales the noise added per step: 0 is deterministic DDIM, 1 matches DDPM's variance.
     DDIM re-derives the noise from the clipped x_0 (as GLIDE does): mixing a clipped x_0 with the raw
     prediction ruins the first steps, where ᾱ_t is tiny and x_0's error huge (71% of default digit

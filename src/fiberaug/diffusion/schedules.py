@@ -9,6 +9,8 @@ from fiberaug.errors import UserError
 # Our short names for diffusers' `beta_schedule` values.
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 SAMPLERS: dict[str, type[SchedulerMixin]] = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# What the denoiser predicts, in diffusers' names: the noise, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 REFERENCE_TIMESTEPS = 1000  # the T that Ho et al.'s linear β range was chosen for
 
 
@@ -28,13 +30,19 @@ def noise_scheduler(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     clip_sample: bool = True,
+    prediction_type: str = "epsilon",
 ) -> DDPMScheduler:
-    """The forward process q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I) for epsilon prediction.
+    """The forward process q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I), for a denoiser predicting `prediction_type`.
 
     `linear`: β from `beta_start` to `beta_end` at T = 1000 (Ho et al.), scaled to other T (`linear_betas`);
     `cosine`: ᾱ_t from Nichol & Dhariwal, which destroys small images less abruptly. Both end near pure
-    noise (ᾱ_T < 1e-3) for every T they accept.
+    noise (ᾱ_T < 1e-3) for every T they accept. The samplers are built from this config, so they read the
+    denoiser's output as the same `prediction_type`, and so does an exported pipeline.
     """
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(
+            f"model.prediction_type={prediction_type!r} is not known; choose one of: {', '.join(PREDICTION_TYPES)}"
+        )
     if schedule not in BETA_SCHEDULES:
         raise UserError(f"model.schedule={schedule!r} is not known; choose one of: {', '.join(BETA_SCHEDULES)}")
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
@@ -52,7 +60,7 @@ def noise_scheduler(
         beta_start=beta_start,
         beta_end=beta_end,
         clip_sample=clip_sample,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         variance_type="fixed_small",
         timestep_spacing="trailing",  # a shortened schedule still starts from pure noise (t = T-1)
     )

@@ -16,7 +16,16 @@ from hydra.utils import get_object, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
 import fiberaug
-from fiberaug.diffusion import denoise, guided, linear_betas, make_sampler, noise_scheduler
+from fiberaug.diffusion import (
+    PREDICTION_TYPES,
+    denoise,
+    guided,
+    linear_betas,
+    make_sampler,
+    make_weighting,
+    noise_scheduler,
+    training_target,
+)
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
 
@@ -26,10 +35,10 @@ DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale"
 
 
 class DiffusionModule(GenerativeModule):
-    """Trains `denoiser` to predict the noise added by the forward process, and samples with it.
+    """Trains `denoiser` to predict the noise added by the forward process (or v), and samples with it.
 
     `denoiser` is a config with `_target_`: any callable returning an `nn.Module` with
-    `forward(x, t, labels) -> eps` and `enable_gradient_checkpointing()`. It is called with `channels`,
+    `forward(x, t, labels) -> eps` (or v) and `enable_gradient_checkpointing()`. It is called with `channels`,
     `image_size` and `num_classes` (and `pretrained` when given), and built here so that the
     checkpoint's hyperparameters rebuild it. Optional abilities of a denoiser: `add_lora(**config)` (for
     `lora`), `config` (its architecture, recorded so that checkpoints of a pretrained denoiser rebuild
@@ -39,6 +48,11 @@ class DiffusionModule(GenerativeModule):
     Labels are dropped to the "no label" index with probability `cond_drop_prob` during training, which
     teaches the same network the unconditional prediction that classifier-free guidance needs.
     `lora` (PEFT `LoraConfig` arguments) freezes the pretrained denoiser and trains adapters only.
+
+    `prediction_type` (`epsilon` or `v_prediction`) is what the denoiser predicts; the schedule carries it
+    to every sampler and to the export. `loss_weighting="min_snr"` weighs each sample's squared error by
+    Min-SNR-γ (`min_snr_gamma`); the validation loss is the same weighted objective, so compare `val/loss`
+    only between runs with the same prediction type and weighting.
     """
 
     sampling_options = ("sampler", "steps", "eta", "guidance_scale")
@@ -61,15 +75,20 @@ class DiffusionModule(GenerativeModule):
         lora: Mapping[str, Any] | None = None,
         lora_on_random_base: bool = False,
         merge_lora: bool = False,
+        prediction_type: str = "epsilon",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         super().__init__(class_names)
         self.save_hyperparameters(logger=False)
+        self.noise_scheduler = noise_scheduler(schedule, num_train_timesteps, prediction_type=prediction_type)
+        self.loss_weights = make_weighting(loss_weighting, min_snr_gamma)
+        _check_pretrained_prediction(pretrained, prediction_type)
         self.net = self._build_denoiser(denoiser, channels, image_size, pretrained)
         if lora:
             self._add_lora(lora, pretrained, lora_on_random_base)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
-        self.noise_scheduler = noise_scheduler(schedule, num_train_timesteps)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         make_sampler(self.noise_scheduler, self.sampling["sampler"], self.sampling["steps"])  # fail early
 
@@ -129,7 +148,12 @@ class DiffusionModule(GenerativeModule):
             device=images.device,
         )
         noisy = self.noise_scheduler.add_noise(images, noise, t)
-        return F.mse_loss(self.net(noisy, t, self._condition(labels)).float(), noise.float())
+        prediction = self.net(noisy, t, self._condition(labels)).float()
+        target = training_target(self.noise_scheduler, images, noise, t).float()
+        if self.loss_weights is None:
+            return F.mse_loss(prediction, target)
+        per_sample = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(dim=1)
+        return (per_sample * self.loss_weights(self.noise_scheduler, t)).mean()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -217,10 +241,23 @@ class DiffusionModule(GenerativeModule):
             num_train_timesteps=scheduler_config["num_train_timesteps"],
             sampling=meta.get("sampling"),
             pretrained=str(folder),
+            prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         )
         if adapter:
             model.net.load_adapter(Path(adapter).expanduser())
         return model.eval()
+
+
+def _check_pretrained_prediction(pretrained: str | None, prediction_type: str) -> None:
+    """A pretrained export must be fine-tuned with the prediction type it learned (its scheduler says which)."""
+    config = Path(pretrained).expanduser() / "scheduler" / "scheduler_config.json" if pretrained else None
+    if config is None or not config.is_file():
+        return
+    learned = json.loads(config.read_text()).get("prediction_type", "epsilon")
+    if learned != prediction_type:
+        raise UserError(
+            f"model.pretrained={pretrained} predicts {learned}; set model.prediction_type={learned} to fine-tune it"
+        )
 
 
 def _schedule_name(config: Mapping[str, Any], folder: Path) -> str:
@@ -229,10 +266,10 @@ def _schedule_name(config: Mapping[str, Any], folder: Path) -> str:
     expected = linear_betas(config["num_train_timesteps"])
     linear = config.get("beta_schedule") == "linear" and all(map(math.isclose, betas, expected))
     cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
-    if config.get("prediction_type", "epsilon") != "epsilon" or not (linear or cosine):
+    if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES or not (linear or cosine):
         raise UserError(
             f"{folder}/scheduler has beta_schedule={config.get('beta_schedule')!r}, betas {betas}, prediction_type="
-            f"{config.get('prediction_type')!r}; FiberAug samples epsilon models with cosine betas or linear ones "
-            f"from {expected[0]:g} to {expected[1]:g} (1e-4 to 0.02 scaled by 1000/T)"
+            f"{config.get('prediction_type')!r}; FiberAug samples {' or '.join(PREDICTION_TYPES)} models with cosine "
+            f"betas or linear ones from {expected[0]:g} to {expected[1]:g} (1e-4 to 0.02 scaled by 1000/T)"
         )
     return "linear" if linear else "cosine"

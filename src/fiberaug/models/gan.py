@@ -1,4 +1,4 @@
-"""A class-conditional GAN trained with Lightning's manual optimization: BCE, hinge or WGAN-GP."""
+"""A class-conditional GAN trained with Lightning's manual optimization: BCE, hinge or WGAN-GP, R1, DiffAugment."""
 
 from __future__ import annotations
 
@@ -15,23 +15,43 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
-from fiberaug.models.gan_losses import WassersteinLoss, adversarial_loss, gradient_penalty
+from fiberaug.models.gan_losses import WassersteinLoss, adversarial_loss, gradient_penalty, r1_penalty
+from fiberaug.nets.diffaugment import DiffAugment
 
 
 @dataclass(frozen=True)
 class GANRecipe:
-    """How the two networks play under one loss (the `loss` config group, conf/loss/*.yaml)."""
+    """How the two networks play under one loss (the `loss` config group, conf/loss/*.yaml).
+
+    `r1_gamma` weights the R1 penalty γ/2 · E‖∇ₓD(x_real)‖² (0: none; `auto`: StyleGAN2-ADA's
+    0.0002 · resolution² / batch). It is lazy as in StyleGAN2: added to every `r1_interval`-th critic step's
+    loss (the first included) with γ multiplied by the interval, so that it weighs the same on average.
+    StyleGAN2 takes it as a separate optimizer step and corrects Adam's lr and betas for the extra steps;
+    here it joins the critic's own step, which needs no correction.
+    """
 
     name: str
     n_critic: int = 1
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     gradient_penalty: float = 0.0
+    r1_gamma: float | str = 0.0
+    r1_interval: int = 1
+
+    @property
+    def r1(self) -> bool:
+        return self.r1_gamma == "auto" or self.r1_gamma > 0
+
+    def r1_weight(self, resolution: int, batch_size: int) -> float:
+        """γ for images of `resolution`² in batches of `batch_size`, before the lazy scaling."""
+        if self.r1_gamma == "auto":
+            return 0.0002 * resolution**2 / batch_size
+        return float(self.r1_gamma)
 
     @classmethod
     def from_config(cls, loss: Mapping[str, Any] | None) -> GANRecipe:
         if not loss:
-            raise UserError("model=gan needs a loss: pass loss=bce, loss=hinge or loss=wasserstein")
+            raise UserError("model=gan needs a loss: pass loss=bce, loss=hinge, loss=wasserstein or loss=r1")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(loss) - set(known))
         if unknown:
@@ -41,6 +61,15 @@ class GANRecipe:
             raise UserError(f"loss.n_critic={recipe.n_critic!r} must be an integer of at least 1")
         if recipe.gradient_penalty < 0:
             raise UserError(f"loss.gradient_penalty={recipe.gradient_penalty} must be at least 0 (0: no penalty)")
+        gamma = recipe.r1_gamma
+        if gamma != "auto" and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0):
+            raise UserError(f"loss.r1_gamma={gamma!r} must be a number of at least 0 (0: no R1 penalty) or auto")
+        if isinstance(recipe.r1_interval, bool) or not isinstance(recipe.r1_interval, int) or recipe.r1_interval < 1:
+            raise UserError(f"loss.r1_interval={recipe.r1_interval!r} must be an integer of at least 1")
+        if recipe.r1 and recipe.name == "wasserstein":
+            raise UserError(
+                f"loss.r1_gamma={gamma} applies to loss=bce and loss=hinge; loss=wasserstein has its gradient_penalty"
+            )
         return recipe
 
 
@@ -52,6 +81,12 @@ class GANModule(GenerativeModule):
     training batch is one critic step, on that fresh real batch and fresh noise; every `n_critic`-th
     batch is followed by one generator step. Lightning's `global_step` counts optimizer steps, so it
     grows by `n_critic + 1` per generator step; `generator_steps` counts those and is logged.
+
+    `diffaugment` (a DiffAugment policy, `nets/diffaugment.py`) augments every image the critic sees:
+    real and generated, in the critic's and the generator's step. The penalties regularise that same
+    augmented critic D∘T, their gradient taken with respect to the images before augmentation, as
+    DiffAugment's and StyleGAN2-ADA's R1 are: the gradient penalty at interpolates of the un-augmented
+    real and generated images, R1 at the un-augmented real ones, each through its own draw of T.
     """
 
     def __init__(
@@ -66,6 +101,7 @@ class GANModule(GenerativeModule):
         warmup_steps: int = 0,
         gradient_clip_val: float | None = None,
         gradient_checkpointing: bool = False,
+        diffaugment: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(class_names)
         self.save_hyperparameters(logger=False)
@@ -75,12 +111,16 @@ class GANModule(GenerativeModule):
         size = {"channels": channels, "image_size": image_size, "num_classes": self.num_classes}
         self.generator = instantiate(generator, latent_dim=latent_dim, **size)
         self.discriminator = instantiate(discriminator, **size)
+        self.augment = DiffAugment(diffaugment)
         batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in self.discriminator.modules())
-        if self.recipe.gradient_penalty > 0 and batchnorm:
+        penalties = {"gradient_penalty": self.recipe.gradient_penalty, "r1_gamma": self.recipe.r1_gamma}
+        penalties = {k: v for k, v in penalties.items() if v}
+        if penalties and batchnorm:
+            given = ", ".join(f"{k}={v}" for k, v in penalties.items())
             raise UserError(
-                f"model.discriminator.norm=batch cannot be used with loss={self.recipe.name} "
-                f"(gradient_penalty={self.recipe.gradient_penalty}): BatchNorm mixes the samples of a batch, which "
-                "breaks the per-sample gradient penalty; use model.discriminator.norm=layer or none"
+                f"model.discriminator.norm=batch cannot be used with loss={self.recipe.name} ({given}): BatchNorm "
+                "mixes the samples of a batch, which breaks the per-sample gradient penalties; use "
+                "model.discriminator.norm=layer or none"
             )
         if gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
@@ -91,17 +131,26 @@ class GANModule(GenerativeModule):
     def _latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
+    def critic(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The critic as training sees it: the discriminator's scores of the DiffAugment-ed images."""
+        return self.discriminator(self.augment(images), labels)
+
     def _critic_step(self, opt: Optimizer, real: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt):
             fake = self.generator(self._latent(real.shape[0]), labels).detach()
-            real_score, fake_score = self.discriminator(real, labels), self.discriminator(fake, labels)
+            real_score, fake_score = self.critic(real, labels), self.critic(fake, labels)
             loss = self.loss.critic(real_score, fake_score)
             logs = {"train/real_score": real_score.float().mean(), "train/fake_score": fake_score.float().mean()}
             if isinstance(self.loss, WassersteinLoss):
                 logs["train/wasserstein"] = -loss.detach()
             if self.recipe.gradient_penalty > 0:
-                logs["train/gradient_penalty"] = gradient_penalty(self.discriminator, real, fake, labels)
+                logs["train/gradient_penalty"] = gradient_penalty(self.critic, real, fake, labels)
                 loss = loss + self.recipe.gradient_penalty * logs["train/gradient_penalty"]
+            interval = self.recipe.r1_interval
+            if self.recipe.r1 and self.critic_steps % interval == 0:
+                gamma = self.recipe.r1_weight(self.hparams.image_size, real.shape[0])
+                logs["train/r1_penalty"] = r1_penalty(self.critic, real, labels)
+                loss = loss + gamma * interval / 2 * logs["train/r1_penalty"]
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()
@@ -109,7 +158,7 @@ class GANModule(GenerativeModule):
 
     def _generator_step(self, opt: Optimizer, n: int, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt):
-            loss = self.loss.generator(self.discriminator(self.generator(self._latent(n), labels), labels))
+            loss = self.loss.generator(self.critic(self.generator(self._latent(n), labels), labels))
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()

@@ -1,4 +1,4 @@
-"""Adversarial losses on the critic's raw scores, and the WGAN-GP gradient penalty."""
+"""Adversarial losses on the critic's raw scores, the WGAN-GP gradient penalty and the R1 penalty."""
 
 from __future__ import annotations
 
@@ -86,3 +86,17 @@ def gradient_penalty(
         scores = critic(mixed, labels)
         (grads,) = torch.autograd.grad(scores.float().sum(), mixed, create_graph=True)
     return (grads.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def r1_penalty(critic: Critic, real: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mescheder et al.'s R1 regulariser E[‖∇ₓD(x)‖₂²] at the real images; the caller weights it by γ/2.
+
+    It pushes the critic's gradient on the data towards zero, which keeps the game from oscillating around
+    its equilibrium. As the gradient penalty, it runs in float32 with autocast off (float16 input gradients
+    underflow, and their squares all the more) and keeps its graph so that the critic's weights learn from it.
+    """
+    real = real.detach().float().requires_grad_(True)
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        scores = critic(real, labels)
+        (grads,) = torch.autograd.grad(scores.float().sum(), real, create_graph=True)
+    return grads.flatten(1).square().sum(dim=1).mean()

@@ -3,7 +3,8 @@
 Both halve or double the resolution with stride-2 4×4 convolutions between 4×4 and `image_size`, so
 `image_size` must be a power of two from 16 up. The generator is conditioned by a class embedding
 concatenated to its noise; the discriminator by projection (Miyato & Koyama 2018): the inner product of
-a class embedding with its features is added to its score.
+a class embedding with its features is added to its score. The discriminator can be spectrally normalised
+(Miyato et al. 2018, SNGAN).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 from torch.utils.checkpoint import checkpoint
 
 from fiberaug.errors import UserError
@@ -123,6 +125,13 @@ class Discriminator(_Checkpointed):
 
     Each stage halves the resolution down to 4×4; the first stage has no normalisation, as in DCGAN.
     `norm="batch"` couples the samples of a batch, so it must not be used with a gradient penalty.
+
+    `spectral_norm=True` divides the weight of every convolution, of the score layer and of the projection
+    embedding by its largest singular value (SNGAN; the projection discriminator's own code normalises
+    the embedding too, and without it the class term escapes the Lipschitz bound). A convolution's weight
+    counts as the matrix (out, in·k·k), as in SNGAN. The singular value is estimated by one power
+    iteration per forward pass in training mode (a checkpointed block runs one more as it recomputes).
+    SNGAN uses it without other normalisation: `norm="none"`.
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class Discriminator(_Checkpointed):
         max_channels: int = 512,
         norm: str = "layer",
         extra_layers: int = 0,
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         stages = _check_size(image_size, "discriminator")
@@ -153,6 +163,9 @@ class Discriminator(_Checkpointed):
         self.score = nn.Linear(features, 1)
         self.embedding = nn.Embedding(num_classes, features) if num_classes else None
         init_weights(self)
+        if spectral_norm:  # after the initialisation, which writes the raw weights
+            for m in [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]:
+                _spectral_norm(m)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self._run(self.blocks, x).flatten(1)
