@@ -444,11 +444,11 @@ def test_a_v_export_written_elsewhere_is_read_as_v(v_export, tmp_path):
 
 def test_v_export_samples_in_plain_diffusers_as_in_fiberaug(v_export):
     """DDPMPipeline reads v from the export's scheduler: with the same noise it draws our DDPM sample."""
-    from fiberaug.models.base import sample_seed
+    from fiberaug.seeding import derive_seed
 
     pipeline = DDPMPipeline.from_pretrained(str(v_export / "export"))
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
-    generator = torch.Generator().manual_seed(sample_seed(4, 0))
+    generator = torch.Generator().manual_seed(derive_seed(4, 0))
     theirs = pipeline(batch_size=1, num_inference_steps=5, generator=generator, output_type="np").images
     ours = DiffusionModule.from_export(v_export / "export").sample(1, seed=4, sampler="ddpm", steps=5)
     assert np.allclose(theirs[0], (ours[0].permute(1, 2, 0).numpy() + 1) / 2, atol=1e-4)
