@@ -1,6 +1,7 @@
 """Lightning callbacks that FiberAug adds to the trainer."""
 
 from fiberaug.callbacks.checkpoint import ModelCheckpoint
+from fiberaug.callbacks.metrics import SampleMetrics
 from fiberaug.callbacks.sample_grid import SampleGrid
 
-__all__ = ["ModelCheckpoint", "SampleGrid"]
+__all__ = ["ModelCheckpoint", "SampleGrid", "SampleMetrics"]

@@ -42,7 +42,7 @@ class SampleGrid(pl.Callback):
         if trainer.global_step == self._last_step or not trainer.is_global_zero:
             return
         self._last_step = trainer.global_step
-        model = _evaluation_model(trainer, pl_module)
+        model = evaluation_model(trainer, pl_module)
         images = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
         grid = make_grid(to_uint8(images), columns=model.grid_columns(self.num_samples))
         save_png(grid, self.dirpath / f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}.png")
@@ -51,7 +51,8 @@ class SampleGrid(pl.Callback):
                 logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HWC")
 
 
-def _evaluation_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GenerativeModule:
+def evaluation_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GenerativeModule:
+    """The weights checkpoints hold: the weight-averaging (EMA) callback's average when there is one."""
     for callback in trainer.callbacks:
         if isinstance(callback, WeightAveraging) and callback._average_model is not None:
             return callback._average_model.module

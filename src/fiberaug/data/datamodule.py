@@ -96,6 +96,16 @@ class ImageDataModule(pl.LightningDataModule):
         """The SHA-256 of an item's content (its array's bytes; a file's bytes for folders)."""
         return hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
 
+    def reference_images(self, split: str = "val", limit: int | None = None) -> tuple[torch.Tensor, list[int] | None]:
+        """A split's images as validation sees them (scaled and centre-cropped, never augmented) and their
+        labels, to measure generated images against: the first `limit` of the split, a random subset."""
+        subset = {"train": self.train_set, "val": self.val_set}[split]
+        n = len(subset) if limit is None else min(limit, len(subset))
+        labels = subset.labels[:n] if subset.labels is not None else None
+        dataset = AugmentedImages(subset.items[:n], labels, self.reader, self.val_transform, self.channels)
+        images = torch.stack([dataset[i][0] for i in range(n)]) if n else torch.empty(0)
+        return images, labels
+
     def record(self) -> dict[str, Any]:
         """What a checkpoint keeps of its data: the DataModule and the content hash of every image of each split.
 

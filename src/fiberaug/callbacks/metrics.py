@@ -1,0 +1,76 @@
+"""Sample-quality metrics during training, logged as `val/<name>` and usable as the checkpoint monitor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.model_helpers import is_overridden
+
+from fiberaug.callbacks.sample_grid import evaluation_model
+from fiberaug.metrics import CHEAP, evaluate_images
+
+
+class SampleMetrics(pl.Callback):
+    """Draws `num_samples` images from fixed seeds and measures them with `fiberaug.metrics` against the
+    validation images (the training images for a model without a validation split); memorisation is always
+    measured against the training images.
+
+    A model with a validation loop is measured at the end of every validation, so `val/swd` can rank the
+    checkpoints that validation writes; a GAN, which has none, every `every_n_epochs` epochs, before the
+    checkpoint callback of that epoch end. The weights measured are the ones checkpoints hold (the EMA
+    average when there is one). Rank 0 measures and the others receive its values, so every process logs
+    and ranks alike.
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] = CHEAP,
+        num_samples: int = 256,
+        every_n_epochs: int = 10,
+        seed: int = 0,
+        max_reference: int = 2000,
+        **sample_options: Any,
+    ) -> None:
+        self.metrics = list(metrics)
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.max_reference = max_reference
+        self.sample_options = sample_options
+        self._reference: dict[str, Any] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not is_overridden("validation_step", pl_module) and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = None
+        if trainer.is_global_zero:
+            reference = self._reference_images(trainer)
+            model = evaluation_model(trainer, pl_module)
+            fake = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
+            labels = model.label_indices(None, self.num_samples)
+            values = evaluate_images(
+                reference["real"], fake, train=reference["train"], real_labels=reference["labels"],
+                fake_labels=labels.tolist() if labels is not None else None, class_names=model.class_names,
+                metrics=self.metrics, seed=self.seed, sheet_rows=0,
+            ).values
+        values = trainer.strategy.broadcast(values, src=0)
+        pl_module.log_dict({f"val/{name}": value for name, value in values.items()}, sync_dist=False)
+
+    def _reference_images(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Decoded once per run: the validation (or training) images and the training images, on the CPU."""
+        if self._reference is None:
+            data = trainer.datamodule
+            split = "val" if len(data.val_set) else "train"
+            real, labels = data.reference_images(split, self.max_reference)
+            train = real if split == "train" else data.reference_images("train", self.max_reference)[0]
+            self._reference = {"real": real, "labels": labels, "train": train}
+        return self._reference
+

@@ -1,0 +1,144 @@
+"""The evaluation task: how good generated images are, whether they copy the training images, and (task=utility)
+whether they help a downstream classifier."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageDraw
+
+from fiberaug.errors import UserError
+from fiberaug.files import write_atomic
+from fiberaug.imaging import make_grid, save_png, to_uint8
+from fiberaug.metrics import evaluate_images
+from fiberaug.models import load_generator, read_checkpoint
+from fiberaug.tasks.inputs import ImageSet, align_labels, checkpoint_data, draw_samples, read_folder
+from fiberaug.tasks.sample import resolve_device
+
+log = logging.getLogger(__name__)
+
+SAMPLING_OPTIONS = ("sampler", "steps", "eta", "guidance_scale")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """`task=quality` (default): metrics of fake against real images; `task=utility`: the downstream table."""
+    if cfg.task == "utility":
+        from fiberaug.tasks.utility import utility
+
+        return utility(cfg)
+    if cfg.task != "quality":
+        raise UserError(f"task={cfg.task!r} is not known; choose quality (the default) or utility")
+    return quality(cfg)
+
+
+def quality(cfg: DictConfig) -> dict[str, float]:
+    """Write metrics.json, report.png and nearest.png to `output_dir`; returns the metric values."""
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").exists() and not cfg.overwrite:
+        raise UserError(f"output_dir={out} already holds metrics.json; choose another or pass overwrite=true")
+    if not cfg.fake_dir and not cfg.ckpt_path:
+        raise UserError("nothing to evaluate: pass fake_dir=DIR (generated images) or ckpt_path=PATH to draw them")
+    device = resolve_device(cfg.device)
+    model = load_generator(cfg.ckpt_path, cfg.get("adapter")).to(device) if cfg.ckpt_path else None
+    data = _training_data(cfg.ckpt_path)
+    size = cfg.size or (model.hparams.image_size if model is not None else None)
+
+    fake = _fake_images(cfg, model, size)
+    size = size or fake.images.shape[-1]
+    real, train = _real_images(cfg, data, size)
+    evaluation = evaluate_images(
+        real.images, fake.images, train=train.images if train else None, real_labels=real.labels,
+        fake_labels=align_labels(fake, real.class_names), class_names=real.class_names,
+        metrics=list(cfg.metrics), seed=cfg.seed, inception=cfg.inception, device=device,
+    )
+    for name, value in evaluation.values.items():
+        print(f"{name:<32} {value:.4f}")
+    for note in evaluation.notes:
+        print(f"note: {note}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "metrics": evaluation.values,
+        "notes": evaluation.notes,
+        "real": _describe(cfg.real_dir, real, "the checkpoint's validation images"),
+        "fake": _describe(cfg.fake_dir, fake, f"{len(fake.images)} samples of {cfg.ckpt_path}"),
+        "train": _describe(cfg.train_dir, train, "the checkpoint's training images") if train else None,
+        "seed": cfg.seed,
+    }
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2).encode())
+    save_png(report_sheet(real.images, fake.images, evaluation.values), out / "report.png")
+    if "nearest" in evaluation.artefacts:
+        save_png(evaluation.artefacts["nearest"], out / "nearest.png")
+    log.info("wrote metrics.json, report.png%s to %s", " and nearest.png" if "nearest" in evaluation.artefacts
+             else "", out)
+    return evaluation.values
+
+
+def _training_data(ckpt_path: str | None) -> Any:
+    """The DataModule a .ckpt was trained on (None for export folders and when no checkpoint is given)."""
+    if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
+        return None
+    return checkpoint_data(read_checkpoint(Path(ckpt_path).expanduser()))
+
+
+def _fake_images(cfg: DictConfig, model: Any, size: int | None) -> ImageSet:
+    if cfg.fake_dir:
+        return read_folder(cfg.fake_dir, size or _first_size(cfg.fake_dir), name="fake_dir")
+    options = {k: cfg[k] for k in SAMPLING_OPTIONS if cfg.get(k) is not None and k in model.sampling_options}
+    labels = OmegaConf.to_object(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels
+    return draw_samples(model, cfg.num_samples, cfg.seed, cfg.batch_size, labels, **options)
+
+
+def _real_images(cfg: DictConfig, data: Any, size: int) -> tuple[ImageSet, ImageSet | None]:
+    """The reference set and the memorisation set: the folders given, else the checkpoint's own split."""
+    train = read_folder(cfg.train_dir, size, cfg.max_images, name="train_dir") if cfg.train_dir else None
+    if cfg.real_dir:
+        real = read_folder(cfg.real_dir, size, cfg.max_images, name="real_dir")
+    elif data is not None:
+        split = "val" if len(data.val_set) else "train"
+        if split == "train":
+            log.warning("the checkpoint's run held no images back: measuring against its training images")
+        images, labels = data.reference_images(split, cfg.max_images)
+        real = ImageSet(images, labels, list(data.class_names))
+    else:
+        raise UserError("no real images: pass real_dir=DIR (a checkpoint from train.py also brings its own)")
+    if train is None and data is not None:
+        images, _ = data.reference_images("train", cfg.max_images)
+        train = ImageSet(images)
+    return real, train
+
+
+def _first_size(folder: str) -> int:
+    from fiberaug.data import list_images
+
+    with Image.open(list_images(Path(folder))[0]) as im:
+        return min(im.size)
+
+
+def _describe(given: str | None, images: ImageSet, otherwise: str) -> dict[str, Any]:
+    return {"source": str(given) if given else otherwise, "count": len(images.images),
+            "size": list(images.images.shape[1:])}
+
+
+def report_sheet(real: torch.Tensor, fake: torch.Tensor, values: dict[str, float], count: int = 16) -> np.ndarray:
+    """report.png: a row of real images over a row of generated ones, with the headline metrics beneath."""
+    rows = [to_uint8(images[:count]) for images in (real, fake)]
+    channels = max(r.shape[3] for r in rows)
+    rows = [np.repeat(r, channels // r.shape[3], axis=3) for r in rows]
+    height, width = min(r.shape[1] for r in rows), min(r.shape[2] for r in rows)
+    grids = [make_grid(r[:, :height, :width], columns=count) for r in rows]
+    lines = ["top: real   bottom: generated"] + [f"{k}: {v:.4g}" for k, v in values.items() if k.count("/") == 0]
+    text = Image.new("L" if channels == 1 else "RGB", (grids[0].shape[1], 12 * len(lines) + 6))
+    draw = ImageDraw.Draw(text)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + 12 * i), line, fill=255 if channels == 1 else (255, 255, 255))
+    text = np.asarray(text).reshape(text.size[1], text.size[0], channels)
+    width = max(g.shape[1] for g in grids)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))  # noqa: E731
+    return np.concatenate([pad(grids[0]), pad(grids[1]), pad(text)])

@@ -1,0 +1,119 @@
+"""The image sets that evaluation compares: folders, a model's samples, and the data a checkpoint was trained on."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fiberaug.data import list_images, read_image, sized_pipeline, to_channels
+from fiberaug.errors import UserError
+from fiberaug.models import GenerativeModule
+
+log = logging.getLogger(__name__)
+
+# sample.py names its files 00000_<class>.png: the class a sample was drawn for.
+_SAMPLE_NAME = re.compile(r"^\d+_(?P<label>.+)$")
+
+
+@dataclass
+class ImageSet:
+    """Images N×C×H×W in [-1, 1], with class indices into `class_names` where the set has classes."""
+
+    images: torch.Tensor
+    labels: list[int] | None = None
+    class_names: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # content hashes, where known
+
+
+def read_folder(root: str | Path, size: int, limit: int | None = None, name: str = "folder") -> ImageSet:
+    """Every image below `root` (sorted, at most `limit`), scaled so its short side is `size` and centre-cropped.
+
+    Classes: the top-level sub-folders when every image lies in one (as for training), else the `<class>` of
+    sample.py's `00000_<class>.png` names when every file has one. Grayscale stays one channel unless the
+    folder mixes in colour. Unreadable files are skipped with a warning naming them.
+    """
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{name}={folder} is not a folder")
+    paths = list_images(folder)[:limit]
+    if not paths:
+        raise UserError(f"{name}={folder} holds no images")
+    resize = sized_pipeline(size, "resize", train=False)
+    arrays, kept, skipped = [], [], []
+    for path in tqdm(paths, desc=f"reading {name}", unit="img", leave=False):
+        try:
+            array = read_image(path, min_side=size)
+        except (OSError, ValueError, SyntaxError) as exc:
+            skipped.append(f"{path.relative_to(folder)} ({exc})")
+            continue
+        arrays.append(resize(image=to_channels(array, 3 if array.shape[2] >= 3 else 1))["image"])
+        kept.append(path)
+    if skipped:
+        log.warning("%s: skipped %d unreadable file(s): %s", name, len(skipped), "; ".join(skipped[:5]))
+    if not arrays:
+        raise UserError(f"{name}={folder}: none of its {len(paths)} image files could be read")
+    channels = max(a.shape[2] for a in arrays)
+    images = torch.stack([torch.from_numpy(np.repeat(a, channels // a.shape[2], axis=2)) for a in arrays])
+    labels, class_names = _folder_labels(folder, kept)
+    return ImageSet(images.permute(0, 3, 1, 2).contiguous() * 2 - 1, labels, class_names)
+
+
+def _folder_labels(root: Path, paths: Sequence[Path]) -> tuple[list[int] | None, list[str]]:
+    parts = [p.relative_to(root).parts for p in paths]
+    if all(len(part) > 1 for part in parts):
+        names = [part[0] for part in parts]
+    elif all(_SAMPLE_NAME.match(p.stem) for p in paths):
+        names = [_SAMPLE_NAME.match(p.stem)["label"] for p in paths]
+    else:
+        return None, []
+    class_names = sorted(set(names))
+    return [class_names.index(n) for n in names], class_names
+
+
+def align_labels(fake: ImageSet, class_names: Sequence[str]) -> list[int] | None:
+    """`fake`'s labels as indices into the real set's `class_names` (matched by name), or None if any is unknown."""
+    if fake.labels is None or not class_names:
+        return None
+    names = [fake.class_names[i] for i in fake.labels]
+    if not set(names) <= set(class_names):
+        log.warning("the generated images' classes %s are not all among the real ones %s: no class consistency",
+                    sorted(set(names)), list(class_names))
+        return None
+    return [list(class_names).index(n) for n in names]
+
+
+def draw_samples(model: GenerativeModule, num_samples: int, seed: int, batch_size: int, labels: Any = None,
+                 **options: Any) -> ImageSet:
+    """`num_samples` images from `model` (with a progress bar), labelled with the classes they were drawn for."""
+    images = model.sample(num_samples, labels=labels, seed=seed, batch_size=batch_size, progress=True, **options)
+    indices = model.label_indices(labels, num_samples)
+    return ImageSet(images, indices.tolist() if indices is not None else None, list(model.class_names))
+
+
+def checkpoint_data(checkpoint: dict[str, Any]) -> Any:
+    """The DataModule a checkpoint was trained with, set up with the same split, or None for older checkpoints.
+
+    Warns when images the checkpoint recorded are missing or changed since (they are matched by content).
+    """
+    record, hparams = checkpoint["fiberaug"].get("data"), checkpoint.get("datamodule_hyper_parameters")
+    if not record or hparams is None:
+        return None
+    module_name, _, class_name = record["datamodule"].rpartition(".")
+    datamodule = getattr(importlib.import_module(module_name), class_name)(**hparams)
+    datamodule.setup("fit")
+    for split in ("train", "val"):
+        now = {datamodule.item_id(item) for item in getattr(datamodule, f"{split}_set").items}
+        missing = len(set(record[split]) - now)
+        if missing:
+            log.warning("%d of the checkpoint's %d %s images are missing or changed since training",
+                        missing, len(record[split]), split)
+    return datamodule
