@@ -1,0 +1,16 @@
+"""Measures of generated images against real ones: SWD, precision/recall/density/coverage, FID/KID,
+memorisation and class consistency.
+
+Every function takes image batches N×C×H×W in [-1, 1] (C = 1 or 3, any size), as the models' `sample()`
+and the DataModules give them; two sets are brought to one size and channel count by `match_sets`. Nothing
+is downloaded; random draws come from explicitly seeded generators. This package imports only torch, numpy,
+scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `errors` and `imaging`.
+"""
+
+from fiberaug.metrics.images import match_sets
+from fiberaug.metrics.swd import sliced_wasserstein
+
+__all__ = [
+    "match_sets",
+    "sliced_wasserstein",
+]

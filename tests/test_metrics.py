@@ -1,0 +1,123 @@
+"""fiberaug.metrics: each measure moves the right way on images and point clouds whose answer is known."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from fiberaug.errors import UserError
+from fiberaug.metrics import (
+    match_sets,
+    sliced_wasserstein,
+)
+from fiberaug.metrics.swd import _upsample, laplacian_pyramid
+
+N_TRAIN = 1000  # the first 1,000 shuffled digits play the training set, the other 797 held-out real images
+
+
+@functools.cache
+def digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8×8 digits scaled to size×size in [-1, 1], as DigitsDataModule serves them, in a
+    seeded random order (the file lists them by writer, so its halves would differ in handwriting)."""
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))
+    images = torch.tensor(data.images[order] / 16 * 2 - 1, dtype=torch.float32)[:, None]
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp(-1, 1)
+    return images, torch.tensor(data.target[order])
+
+
+def noisy(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    return (images + sigma * noise).clamp(-1, 1)
+
+
+def box_blur(images: torch.Tensor, width: int) -> torch.Tensor:
+    return F.avg_pool2d(F.pad(images, (width // 2,) * 4, mode="replicate"), width, stride=1)
+
+
+def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
+    """Moved right and down by `pixels` (a fraction of a pixel resamples bilinearly)."""
+    h, w = images.shape[2:]
+    theta = torch.tensor([[1.0, 0.0, 2 * pixels / w], [0.0, 1.0, 2 * pixels / h]]).expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+# --- common format ---
+
+
+def test_match_sets_scales_the_larger_set_down_and_gray_up_to_rgb():
+    gray16 = torch.linspace(-1, 1, 16).expand(4, 1, 16, 16)
+    stripes48 = torch.tensor([-1.0, 1.0]).repeat(24).expand(5, 3, 48, 48)  # one-pixel columns, RGB
+    a, b, description = match_sets(gray16, stripes48)
+    assert a.shape == (4, 3, 16, 16) and b.shape == (5, 3, 16, 16)
+    assert description == "compared at 16×16, RGB"
+    assert torch.equal(a[:, 0], gray16[:, 0]) and torch.equal(a[:, 2], gray16[:, 0])  # gray repeated, not rescaled
+    assert b.abs().max() < 0.5  # antialiased: stripes finer than the new pixels average out instead of aliasing
+    assert match_sets(gray16, gray16[:2])[2] == "compared at 16×16, grayscale"
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.zeros(2, 16, 16), "expected a tensor N×C×H×W with C = 1 or 3"),
+        (torch.zeros(2, 4, 16, 16), "expected a tensor N×C×H×W with C = 1 or 3"),
+        (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), "expected floats in"),
+        (torch.full((2, 1, 16, 16), 255.0), r"values span \[255, 255\]; expected images scaled to \[-1, 1\]"),
+        (torch.zeros(0, 1, 16, 16), "the batch is empty"),
+    ],
+)
+def test_bad_batches_get_a_one_line_user_error(images, message):
+    with pytest.raises(UserError, match=f"fake: {message}"):
+        match_sets(torch.zeros(2, 1, 16, 16), images)
+
+
+# --- SWD ---
+
+
+def test_laplacian_pyramid_bands_add_up_to_the_image():
+    images = torch.rand(3, 3, 37, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1  # odd sizes too
+    bands = laplacian_pyramid(images, 3)
+    assert [band.shape[2:] for band in bands] == [(37, 64), (19, 32), (10, 16)]
+    rebuilt = bands[-1]
+    for band in reversed(bands[:-1]):
+        rebuilt = band + _upsample(rebuilt, band.shape[2:])
+    assert torch.allclose(rebuilt, images, atol=1e-5)
+    ramp = torch.linspace(-1, 1, 64).expand(1, 1, 64, 64)  # no detail: the band-pass levels are empty inside
+    assert laplacian_pyramid(ramp, 3)[0][..., 4:-4, 4:-4].abs().max() < 1e-5
+
+
+def test_swd_levels_are_named_by_resolution_and_averaged():
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scores = sliced_wasserstein(images, images.flip(0), patches_per_image=16)
+    assert list(scores) == ["swd", "swd/64", "swd/32", "swd/16"]
+    assert scores["swd"] == pytest.approx(np.mean([scores["swd/64"], scores["swd/32"], scores["swd/16"]]))
+    assert list(sliced_wasserstein(images[:, :1, :16, :16], images[:, :1, :16, :16])) == ["swd", "swd/16"]
+
+
+def test_swd_is_deterministic_under_its_seed():
+    real, fake = digits(16)[0][:200], digits(16)[0][200:400]
+    first, again = sliced_wasserstein(real, fake, seed=3), sliced_wasserstein(real, fake, seed=3)
+    assert first == again
+    assert sliced_wasserstein(real, fake, seed=4) != first
+
+
+@pytest.mark.parametrize(
+    "degrade",
+    [
+        pytest.param([functools.partial(noisy, sigma=s) for s in (0.05, 0.1, 0.2, 0.4)], id="noise"),
+        pytest.param([functools.partial(box_blur, width=w) for w in (3, 5, 7, 9)], id="blur"),
+    ],
+)
+def test_swd_is_near_zero_for_the_same_distribution_and_grows_with_degradation(degrade):
+    images = digits(32)[0]
+    real, held_out = images[:300], images[1000:1300]
+    same = sliced_wasserstein(real, held_out)["swd"]
+    scores = [sliced_wasserstein(real, step(held_out))["swd"] for step in degrade]
+    assert same < scores[0] / 1.5, f"same distribution {same:.1f} against the mildest degradation {scores[0]:.1f}"
+    assert scores == sorted(scores) and len(set(scores)) == len(scores), f"not increasing: {scores}"
