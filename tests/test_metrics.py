@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 
 import numpy as np
+import prdc
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,10 @@ from sklearn.datasets import load_digits
 
 from fiberaug.errors import UserError
 from fiberaug.metrics import (
+    embed,
     match_sets,
+    prdc_from_features,
+    precision_recall_density_coverage,
     sliced_wasserstein,
 )
 from fiberaug.metrics.swd import _upsample, laplacian_pyramid
@@ -121,3 +127,65 @@ def test_swd_is_near_zero_for_the_same_distribution_and_grows_with_degradation(d
     scores = [sliced_wasserstein(real, step(held_out))["swd"] for step in degrade]
     assert same < scores[0] / 1.5, f"same distribution {same:.1f} against the mildest degradation {scores[0]:.1f}"
     assert scores == sorted(scores) and len(set(scores)) == len(scores), f"not increasing: {scores}"
+
+
+# --- precision, recall, density, coverage ---
+
+
+def gaussian(n: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """2-D standard normal samples, moved along the first axis and scaled: overlaps known in closed form."""
+    points = np.random.default_rng(seed).standard_normal((n, 2)) * scale
+    points[:, 0] += shift
+    return points
+
+
+def test_prdc_agrees_with_the_authors_package():
+    rng = np.random.default_rng(0)
+    real, fake = rng.standard_normal((300, 8)), rng.standard_normal((200, 8)) * 1.3 + 0.2
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        at3, at5 = prdc.compute_prdc(real, fake, 3), prdc.compute_prdc(real, fake, 5)
+    ours = prdc_from_features(real, fake)
+    assert ours["precision"] == pytest.approx(at3["precision"]) and ours["recall"] == pytest.approx(at3["recall"])
+    assert ours["density"] == pytest.approx(at5["density"]) and ours["coverage"] == pytest.approx(at5["coverage"])
+
+
+def test_prdc_on_gaussians_of_known_overlap():
+    real = gaussian(1000, seed=0)
+    same = prdc_from_features(real, gaussian(1000, seed=1))
+    assert same["precision"] > 0.9 and same["recall"] > 0.9 and same["coverage"] > 0.9
+    assert 0.9 < same["density"] < 1.1
+    disjoint = prdc_from_features(real, gaussian(1000, seed=1, shift=12))
+    assert all(value == 0 for value in disjoint.values()), disjoint
+    collapsed = prdc_from_features(real, gaussian(1000, seed=1, scale=0.2))  # a generator that draws the centre only
+    assert collapsed["precision"] > 0.95 and collapsed["recall"] < 0.4 and collapsed["coverage"] < 0.4
+    apart = [prdc_from_features(real, gaussian(1000, seed=1, shift=s)) for s in (0.0, 1.5, 3.0, 4.5)]
+    for name in ("precision", "recall", "density", "coverage"):
+        values = [result[name] for result in apart]
+        assert values == sorted(values, reverse=True) and values[0] > values[-1] + 0.5, f"{name}: {values}"
+
+
+def test_prdc_needs_more_images_than_neighbours():
+    with pytest.raises(UserError, match="need more than 5 real and generated images, got 5 real and 100"):
+        prdc_from_features(gaussian(5, seed=0), gaussian(100, seed=1))
+
+
+def test_random_embedding_is_deterministic_unit_length_and_batch_independent():
+    images = digits(16)[0][:50]
+    features = embed(images)
+    assert features.shape == (50, 1920) and features.dtype == np.float32
+    assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
+    assert np.allclose(embed(images, batch_size=7), features, atol=1e-6)
+    assert np.allclose(embed(images.expand(-1, 3, -1, -1)), features)  # gray is read as RGB
+
+
+def test_prdc_on_digits_separates_real_from_collapsed_and_noisy_images():
+    images, labels = digits(16)
+    train, held_out, held_labels = images[:N_TRAIN], images[N_TRAIN:], labels[N_TRAIN:]
+    real = precision_recall_density_coverage(train, held_out)
+    assert min(real.values()) > 0.85, real
+    train_features = embed(train)
+    two_classes = embed(held_out[held_labels < 2])  # a generator that draws only 0s and 1s
+    collapsed = prdc_from_features(train_features, two_classes)
+    assert collapsed["precision"] > 0.85 and collapsed["recall"] < 0.3 and collapsed["coverage"] < 0.4, collapsed
+    noise = prdc_from_features(train_features, embed(noisy(held_out, 0.3)))
+    assert noise["precision"] < real["precision"] - 0.3 and noise["density"] < real["density"] / 2, noise

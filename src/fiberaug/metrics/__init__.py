@@ -7,10 +7,15 @@ is downloaded; random draws come from explicitly seeded generators. This package
 scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `errors` and `imaging`.
 """
 
+from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
+from fiberaug.metrics.prdc import prdc_from_features, precision_recall_density_coverage
 from fiberaug.metrics.swd import sliced_wasserstein
 
 __all__ = [
+    "embed",
     "match_sets",
+    "prdc_from_features",
+    "precision_recall_density_coverage",
     "sliced_wasserstein",
 ]
