@@ -15,7 +15,9 @@ from sklearn.datasets import load_digits
 
 from fiberaug.errors import UserError
 from fiberaug.metrics import (
+    SKIPPED_NOTE,
     embed,
+    fid_kid,
     match_sets,
     prdc_from_features,
     precision_recall_density_coverage,
@@ -189,3 +191,68 @@ def test_prdc_on_digits_separates_real_from_collapsed_and_noisy_images():
     assert collapsed["precision"] > 0.85 and collapsed["recall"] < 0.3 and collapsed["coverage"] < 0.4, collapsed
     noise = prdc_from_features(train_features, embed(noisy(held_out, 0.3)))
     assert noise["precision"] < real["precision"] - 0.3 and noise["density"] < real["density"] / 2, noise
+
+
+# --- FID and KID ---
+
+
+class TinyInception(torch.nn.Module):
+    """inception-2015-12-05.pt's calling convention: uint8 N×3×H×W in, N×F features with return_features."""
+
+    def __init__(self, gain: float = 1.0) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        x = images.float() / 255
+        features = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), F.adaptive_avg_pool2d(x, 2).flatten(1)], dim=1)
+        return features * self.gain if return_features else features[:, :2]
+
+
+@pytest.fixture
+def inception_file(tmp_path):
+    def write(gain: float = 1.0) -> str:
+        path = tmp_path / f"tiny-inception-{gain}.pt"
+        torch.jit.save(torch.jit.script(TinyInception(gain)), str(path))
+        return str(path)
+
+    return write
+
+
+def test_fid_and_kid_are_computed_through_the_weights_file(inception_file):
+    images = digits(16)[0]
+    real, held_out = images[:400], images[1000:1400]
+    same = fid_kid(real, real, inception_file())[0]
+    assert abs(same["fid"]) < 1e-6
+    halves, notes = fid_kid(real, held_out, inception_file())
+    brighter = fid_kid(real, (held_out + 0.3).clamp(-1, 1), inception_file())[0]
+    assert notes == [] and set(halves) == {"fid", "kid", "kid_std"}
+    assert brighter["fid"] > 20 * halves["fid"]
+    assert brighter["kid"] > 20 * abs(halves["kid"]) and brighter["kid"] > 10 * brighter["kid_std"]
+    # Features twice as large, FID four times: the number comes from the network in the file.
+    assert fid_kid(real, held_out, inception_file(gain=2.0))[0]["fid"] == pytest.approx(4 * halves["fid"])
+
+
+def test_kid_is_seeded_and_leaves_the_global_generator_alone(inception_file):
+    real, fake = digits(16)[0][:300], noisy(digits(16)[0][1000:1300], 0.2)
+    state = torch.get_rng_state()
+    first = fid_kid(real, fake, inception_file(), seed=1)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert fid_kid(real, fake, inception_file(), seed=1)[0] == first
+    assert fid_kid(real, fake, inception_file(), seed=2)[0]["kid"] != first["kid"]
+
+
+def test_fid_without_a_file_is_skipped_with_a_note():
+    values, notes = fid_kid(torch.zeros(4, 1, 16, 16), torch.zeros(4, 1, 16, 16), None)
+    assert values == {} and notes == [SKIPPED_NOTE]
+    assert "inception=PATH" in SKIPPED_NOTE and "inception-2015-12-05.pt" in SKIPPED_NOTE
+
+
+def test_a_missing_or_unreadable_weights_file_is_a_user_error(tmp_path):
+    images = torch.zeros(4, 1, 16, 16)
+    with pytest.raises(UserError, match=r"inception=.*nowhere\.pt does not exist; expected a TorchScript Inception"):
+        fid_kid(images, images, tmp_path / "nowhere.pt")
+    (tmp_path / "notes.pt").write_text("not a network")
+    with pytest.raises(UserError, match=r"inception=.*notes\.pt is not a TorchScript file .*inception-2015-12-05"):
+        fid_kid(images, images, tmp_path / "notes.pt")

@@ -9,11 +9,15 @@ scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `err
 
 from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
+from fiberaug.metrics.inception import SKIPPED_NOTE, fid_kid, load_inception
 from fiberaug.metrics.prdc import prdc_from_features, precision_recall_density_coverage
 from fiberaug.metrics.swd import sliced_wasserstein
 
 __all__ = [
+    "SKIPPED_NOTE",
     "embed",
+    "fid_kid",
+    "load_inception",
     "match_sets",
     "prdc_from_features",
     "precision_recall_density_coverage",
