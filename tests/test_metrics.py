@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from fiberaug.errors import UserError
+from fiberaug.imaging import to_uint8
 from fiberaug.metrics import (
     SKIPPED_NOTE,
     embed,
     fid_kid,
     match_sets,
+    memorisation,
+    nearest_sheet,
     prdc_from_features,
     precision_recall_density_coverage,
     sliced_wasserstein,
@@ -256,3 +259,58 @@ def test_a_missing_or_unreadable_weights_file_is_a_user_error(tmp_path):
     (tmp_path / "notes.pt").write_text("not a network")
     with pytest.raises(UserError, match=r"inception=.*notes\.pt is not a TorchScript file .*inception-2015-12-05"):
         fid_kid(images, images, tmp_path / "notes.pt")
+
+
+# --- memorisation ---
+
+
+def test_memorisation_flags_copies_and_light_perturbations_of_training_images():
+    images = digits(16)[0]
+    train, originals = images[:N_TRAIN], images[:200]
+    for name, copies in {
+        "exact": originals,
+        "noise": noisy(originals, 0.03),
+        "brighter": (originals + 0.03).clamp(-1, 1),
+        "shifted a tenth of a pixel": shifted(originals, 0.1),
+    }.items():
+        result = memorisation(copies, train)
+        assert result.copies.double().mean() > 0.95, f"{name}: {result.copies.double().mean():.0%} flagged"
+        assert torch.equal(result.nearest[:, 0], torch.arange(200)), f"{name}: nearest is not the source"
+    exact = memorisation(originals, train)
+    assert torch.equal(exact.ratio, torch.zeros(200)) and torch.equal(exact.distances[:, 0], torch.zeros(200))
+
+
+def test_memorisation_does_not_flag_held_out_real_images():
+    images = digits(16)[0]
+    result = memorisation(images[N_TRAIN:], images[:N_TRAIN])
+    assert result.copies.double().mean() <= 0.01
+    assert result.values()["memorisation"] == result.copies.double().mean().item()
+    assert result.values()["memorisation/median_ratio"] > 0.5
+
+
+def test_memorisation_does_not_depend_on_the_chunk_size():
+    images = digits(16)[0]
+    fake = torch.cat([images[:30], noisy(images[N_TRAIN : N_TRAIN + 30], 0.1)])
+    whole, chunked = memorisation(fake, images[:N_TRAIN]), memorisation(fake, images[:N_TRAIN], chunk=7)
+    assert torch.equal(whole.nearest, chunked.nearest) and torch.allclose(whole.ratio, chunked.ratio)
+
+
+def test_nearest_sheet_shows_the_closest_pairs_first_with_their_verdict():
+    images = digits(16)[0]
+    train = images[:N_TRAIN]
+    fake = torch.cat([images[N_TRAIN : N_TRAIN + 20], images[5:8]])  # 20 new digits, then 3 copies
+    result = memorisation(fake, train)
+    sheet = nearest_sheet(fake, train, result, rows=4, cell=32)
+    header, cell, pad = 14, 32, 2
+    assert sheet.dtype == np.uint8 and sheet.shape == (header + 4 * (cell + pad) + pad, 3 * (cell + pad) + pad + 150, 3)
+    first = to_uint8(torch.stack([fake[20], train[5]])).repeat(2, axis=1).repeat(2, axis=2)  # a copy, 16 → 32 px
+    top = header + pad
+    assert np.array_equal(sheet[top : top + cell, pad : pad + cell, 0], first[0, ..., 0])
+    assert np.array_equal(sheet[top : top + cell, 2 * pad + cell : 2 * pad + 2 * cell, 0], first[1, ..., 0])
+
+    def red_in_label(row: int) -> bool:
+        y = header + pad + row * (cell + pad)
+        label = sheet[y : y + cell, 3 * (cell + pad) + pad :].astype(int)
+        return bool(((label[..., 0] > 200) & (label[..., 1] < 120)).any())
+
+    assert [red_in_label(row) for row in range(4)] == [True, True, True, False]  # three copies, then a new digit

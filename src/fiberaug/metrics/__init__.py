@@ -10,15 +10,20 @@ scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `err
 from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
 from fiberaug.metrics.inception import SKIPPED_NOTE, fid_kid, load_inception
+from fiberaug.metrics.memorisation import COPY_RATIO, Memorisation, memorisation, nearest_sheet
 from fiberaug.metrics.prdc import prdc_from_features, precision_recall_density_coverage
 from fiberaug.metrics.swd import sliced_wasserstein
 
 __all__ = [
+    "COPY_RATIO",
     "SKIPPED_NOTE",
+    "Memorisation",
     "embed",
     "fid_kid",
     "load_inception",
     "match_sets",
+    "memorisation",
+    "nearest_sheet",
     "prdc_from_features",
     "precision_recall_density_coverage",
     "sliced_wasserstein",
