@@ -17,8 +17,10 @@ from fiberaug.errors import UserError
 from fiberaug.imaging import to_uint8
 from fiberaug.metrics import (
     SKIPPED_NOTE,
+    class_consistency,
     embed,
     fid_kid,
+    fit_reader,
     match_sets,
     memorisation,
     nearest_sheet,
@@ -314,3 +316,36 @@ def test_nearest_sheet_shows_the_closest_pairs_first_with_their_verdict():
         return bool(((label[..., 0] > 200) & (label[..., 1] < 120)).any())
 
     assert [red_in_label(row) for row in range(4)] == [True, True, True, False]  # three copies, then a new digit
+
+
+# --- class consistency ---
+
+
+@pytest.fixture(scope="module")
+def reader():
+    images, labels = digits(16)
+    return fit_reader(images[:N_TRAIN], labels[:N_TRAIN], seed=0)
+
+
+def test_class_consistency_reads_held_out_digits_as_their_class(reader):
+    images, labels = digits(16)
+    names = [f"digit{i}" for i in range(10)]
+    values = class_consistency(reader, images[N_TRAIN:], labels[N_TRAIN:], names)
+    assert reader.accuracy > 0.9 and values["classifier_accuracy"] == reader.accuracy
+    assert values["class_consistency"] > 0.9
+    assert {name: values[f"class_consistency/{name}"] > 0.8 for name in names} == dict.fromkeys(names, True)
+
+
+def test_class_consistency_is_low_for_images_drawn_for_another_class(reader):
+    images, labels = digits(16)
+    swapped = class_consistency(reader, images[N_TRAIN:], (labels[N_TRAIN:] + 1) % 10)
+    assert swapped["class_consistency"] < 0.1
+    assert swapped["class_consistency/3"] < 0.2  # classes named by index without names
+
+
+def test_class_consistency_refuses_labels_that_do_not_fit(reader):
+    images, labels = digits(16)
+    with pytest.raises(UserError, match=r"fake_labels: expected one label per generated image \(5\)"):
+        class_consistency(reader, images[:5], labels[:4])
+    with pytest.raises(UserError, match="fake_labels: values must be class indices below 2"):
+        class_consistency(reader, images[:5], labels[:5] * 0 + 7, ["a", "b"])

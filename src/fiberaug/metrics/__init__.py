@@ -7,6 +7,7 @@ is downloaded; random draws come from explicitly seeded generators. This package
 scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `errors` and `imaging`.
 """
 
+from fiberaug.metrics.consistency import ClassReader, class_consistency, fit_reader
 from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
 from fiberaug.metrics.inception import SKIPPED_NOTE, fid_kid, load_inception
@@ -17,9 +18,12 @@ from fiberaug.metrics.swd import sliced_wasserstein
 __all__ = [
     "COPY_RATIO",
     "SKIPPED_NOTE",
+    "ClassReader",
     "Memorisation",
+    "class_consistency",
     "embed",
     "fid_kid",
+    "fit_reader",
     "load_inception",
     "match_sets",
     "memorisation",
