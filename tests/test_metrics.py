@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import subprocess
+import sys
 
 import numpy as np
 import prdc
@@ -16,13 +18,16 @@ from sklearn.datasets import load_digits
 from fiberaug.errors import UserError
 from fiberaug.imaging import to_uint8
 from fiberaug.metrics import (
+    CHEAP,
     SKIPPED_NOTE,
     class_consistency,
     embed,
+    evaluate_images,
     fid_kid,
     fit_reader,
     match_sets,
     memorisation,
+    monitor_mode,
     nearest_sheet,
     prdc_from_features,
     precision_recall_density_coverage,
@@ -349,3 +354,54 @@ def test_class_consistency_refuses_labels_that_do_not_fit(reader):
         class_consistency(reader, images[:5], labels[:4])
     with pytest.raises(UserError, match="fake_labels: values must be class indices below 2"):
         class_consistency(reader, images[:5], labels[:5] * 0 + 7, ["a", "b"])
+
+
+# --- the entry point ---
+
+
+def test_evaluate_images_runs_only_the_metrics_asked_for():
+    images = digits(16)[0]
+    result = evaluate_images(images[N_TRAIN : N_TRAIN + 200], images[:100], train=images[:N_TRAIN], metrics=CHEAP)
+    assert set(result.values) == {"swd", "swd/16", "memorisation", "memorisation/median_ratio"}
+    assert result.values["memorisation"] == 1.0  # the "generated" images are training images
+    assert result.artefacts["nearest"].shape[2] == 3 and result.memorisation.nearest.shape == (100, 2)
+    assert result.notes == ["compared at 16×16, grayscale"]
+
+
+def test_evaluate_images_names_every_value_with_a_direction(inception_file):
+    images, labels = digits(16)
+    real, fake = images[N_TRAIN : N_TRAIN + 400], noisy(images[:200], 0.1)
+    result = evaluate_images(
+        real, fake, real_labels=labels[N_TRAIN : N_TRAIN + 400], fake_labels=labels[:200], inception=inception_file()
+    )
+    expected = {"swd", "swd/16", "precision", "recall", "density", "coverage", "fid", "kid", "kid_std", "memorisation",
+                "memorisation/median_ratio", "class_consistency", "classifier_accuracy"}
+    assert expected | {f"class_consistency/{c}" for c in range(10)} == set(result.values)
+    assert "memorisation measured against the real images: no training set given" in result.notes
+    modes = {name: monitor_mode(f"val/{name}") for name in result.values}
+    lower = {name for name, mode in modes.items() if mode == "min"}
+    assert lower == {"swd", "swd/16", "fid", "kid", "kid_std", "memorisation"}
+
+
+def test_evaluate_images_notes_what_it_skipped_and_refuses_unknown_metrics():
+    images = digits(16)[0]
+    result = evaluate_images(images[:50], images[50:100], metrics=("fid", "class_consistency"))
+    assert result.values == {}
+    assert SKIPPED_NOTE in result.notes
+    assert "class consistency skipped: it needs real_labels and fake_labels" in result.notes
+    with pytest.raises(UserError, match="metrics: 'ssim' not known; choose from swd, prdc, fid, memorisation"):
+        evaluate_images(images[:50], images[50:100], metrics=("swd", "ssim"))
+    with pytest.raises(UserError, match="'val/psnr' is not a metric of fiberaug.metrics"):
+        monitor_mode("val/psnr")
+
+
+def test_importing_the_metrics_pulls_in_no_model_library_and_no_other_layer():
+    code = (
+        "import sys, fiberaug.metrics\n"
+        "bad = {'diffusers', 'transformers', 'peft', 'pytorch_lightning', 'lightning', 'torchmetrics'}\n"
+        "layers = {m for m in sys.modules if m.startswith('fiberaug.') and m.split('.')[1] not in "
+        "('metrics', 'errors', 'imaging')}\n"
+        "print(sorted(bad & {m.split('.')[0] for m in sys.modules} | layers))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

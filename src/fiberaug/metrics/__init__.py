@@ -8,6 +8,7 @@ scikit-learn, Pillow (and torchmetrics, inside `fid_kid`) and, of FiberAug, `err
 """
 
 from fiberaug.metrics.consistency import ClassReader, class_consistency, fit_reader
+from fiberaug.metrics.evaluation import CHEAP, METRICS, Evaluation, evaluate_images, monitor_mode
 from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
 from fiberaug.metrics.inception import SKIPPED_NOTE, fid_kid, load_inception
@@ -16,17 +17,22 @@ from fiberaug.metrics.prdc import prdc_from_features, precision_recall_density_c
 from fiberaug.metrics.swd import sliced_wasserstein
 
 __all__ = [
+    "CHEAP",
     "COPY_RATIO",
+    "METRICS",
     "SKIPPED_NOTE",
     "ClassReader",
+    "Evaluation",
     "Memorisation",
     "class_consistency",
     "embed",
+    "evaluate_images",
     "fid_kid",
     "fit_reader",
     "load_inception",
     "match_sets",
     "memorisation",
+    "monitor_mode",
     "nearest_sheet",
     "prdc_from_features",
     "precision_recall_density_coverage",
