@@ -269,7 +269,7 @@ def test_fid_without_a_file_is_skipped_with_a_note():
 
 def test_a_missing_or_unreadable_weights_file_is_a_user_error(tmp_path):
     images = torch.zeros(4, 1, 16, 16)
-    with pytest.raises(UserError, match=r"inception=.*nowhere\.pt does not exist; expected a TorchScript Inception"):
+    with pytest.raises(UserError, match=r"inception=.*nowhere\.pt is not a file; expected a TorchScript Inception"):
         fid_kid(images, images, tmp_path / "nowhere.pt")
     (tmp_path / "notes.pt").write_text("not a network")
     with pytest.raises(UserError, match=r"inception=.*notes\.pt is not a TorchScript file .*inception-2015-12-05"):

@@ -66,6 +66,7 @@ def class_consistency(
 
     Classes are named by `class_names[index]`, or by the index when no names are given.
     """
+    fake = check_images(fake, "fake")
     fake_labels = np.asarray(fake_labels, dtype=np.int64)
     if fake_labels.shape != (len(fake),):
         raise UserError(f"fake_labels: expected one label per generated image ({len(fake)}), "

@@ -75,7 +75,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> torc
     """The TorchScript network at `path` on `device`, loaded once per file and modification time."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"inception={path} does not exist; expected {EXPECTED}")
+        raise UserError(f"inception={path} is not a file; expected {EXPECTED}")
     return _load(str(path.resolve()), path.stat().st_mtime_ns, str(device))
 
 
