@@ -126,9 +126,9 @@ def test_swd_is_deterministic_under_its_seed():
 
 
 def swd_sets() -> tuple[torch.Tensor, torch.Tensor]:
-    """300 training and 300 held-out digits at 32×32: two levels, 16 and 32."""
+    """200 training and 200 held-out digits at 32×32: two levels, 32 and 16."""
     images = digits(32)[0]
-    return images[:300], images[N_TRAIN : N_TRAIN + 300]
+    return images[:200], images[N_TRAIN : N_TRAIN + 200]
 
 
 @pytest.mark.parametrize(
