@@ -13,10 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
+from fiberaug.data import list_images
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
 from fiberaug.imaging import make_grid, save_png, to_uint8
-from fiberaug.metrics import evaluate_images
+from fiberaug.metrics import evaluate_images, monitor_mode
 from fiberaug.models import load_generator, read_checkpoint
 from fiberaug.tasks.inputs import ImageSet, align_labels, checkpoint_data, draw_samples, read_folder
 from fiberaug.tasks.sample import resolve_device
@@ -58,7 +59,7 @@ def quality(cfg: DictConfig) -> dict[str, float]:
         metrics=list(cfg.metrics), seed=cfg.seed, inception=cfg.inception, device=device,
     )
     for name, value in evaluation.values.items():
-        print(f"{name:<32} {value:.4f}")
+        print(f"{name:<30} {value:>10.4f}   {legend(name)}")
     for note in evaluation.notes:
         print(f"note: {note}")
 
@@ -78,6 +79,29 @@ def quality(cfg: DictConfig) -> dict[str, float]:
     log.info("wrote metrics.json, report.png%s to %s", " and nearest.png" if "nearest" in evaluation.artefacts
              else "", out)
     return evaluation.values
+
+
+def legend(name: str) -> str:
+    """What a metric's line means, and which way is better."""
+    family, _, detail = name.partition("/")
+    what = {
+        "swd": "SWD: sliced Wasserstein distance of 7×7 Laplacian-pyramid patches ×1e3",
+        "precision": "precision: share of generated images on the real manifold",
+        "recall": "recall: share of real images on the generated manifold",
+        "density": "density: how crowded the real neighbourhoods of generated images are",
+        "coverage": "coverage: share of real images with a generated one nearby",
+        "fid": "FID", "kid": "KID", "kid_std": "KID's spread over subsets",
+        "memorisation": "share of generated images that copy a training image (d1 < d2/3)",
+        "class_consistency": "share of generated images read as their class",
+        "classifier_accuracy": "the class reader's accuracy on held-out real images",
+    }[family]
+    if family == "swd" and detail:
+        what = f"SWD at {detail}×{detail}" if detail.isdigit() else f"SWD at {detail}"
+    elif family == "memorisation" and detail:
+        what = "median d(nearest) / d(second nearest) training image"
+    elif family == "class_consistency" and detail:
+        what = f"share of class {detail} read as {detail}"
+    return f"{what} ({'lower' if monitor_mode(name) == 'min' else 'higher'} is better)"
 
 
 def _training_data(ckpt_path: str | None) -> Any:
@@ -115,8 +139,6 @@ def _real_images(cfg: DictConfig, data: Any, size: int) -> tuple[ImageSet, Image
 
 
 def _first_size(folder: str) -> int:
-    from fiberaug.data import list_images
-
     with Image.open(list_images(Path(folder))[0]) as im:
         return min(im.size)
 

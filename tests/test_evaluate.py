@@ -1,0 +1,187 @@
+"""evaluate.py: folders or a checkpoint in, metrics.json / report.png / nearest.png out; task=utility; and the
+metrics during training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_config, run_script, save
+from sklearn.datasets import load_digits
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_metrics import TinyInception
+
+from fiberaug.tasks import run_task
+from fiberaug.tasks.evaluate import evaluate
+from fiberaug.tasks.train import train
+
+
+def _digit_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """real/<class>/*.png: 24×24 gray digits; fake/: 16×16 RGB copies of some of them, named as sample.py names
+    its files; other/: held-out digits of the same classes."""
+    data = load_digits()
+    images = (data.images / 16 * 255).astype(np.uint8).repeat(3, axis=1).repeat(3, axis=2)  # 24×24
+    for i in range(60):
+        save(tmp_path / "real" / f"digit{data.target[i]}" / f"{i}.png", images[i])
+        rgb = np.repeat(np.asarray(torch.nn.functional.interpolate(
+            torch.tensor(images[i], dtype=torch.float32)[None, None], size=16, mode="area")[0, 0]).round()
+            .astype(np.uint8)[..., None], 3, axis=2)
+        save(tmp_path / "fake" / f"{i:05d}_digit{data.target[i]}.png", rgb)
+    for i in range(60, 120):
+        save(tmp_path / "other" / f"digit{data.target[i]}" / f"{i}.png", images[i])
+    return tmp_path / "real", tmp_path / "fake", tmp_path / "other"
+
+
+def _evaluate(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "eval"
+    run_task(evaluate, compose_config("evaluate", [f"output_dir={out}", "overwrite=true", *overrides]))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_folders_of_other_sizes_and_modes_are_compared_at_a_stated_common_size(tmp_path):
+    real, fake, _ = _digit_folders(tmp_path)
+    result = run_script("evaluate.py", f"real_dir={real}", f"fake_dir={fake}", f"output_dir={tmp_path / 'out'}",
+                        "metrics=[swd,prdc,memorisation,class_consistency]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("swd ") and "SWD" in line for line in lines), result.stdout
+    assert "compared at 16×16, RGB" in result.stdout
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    values = summary["metrics"]
+    # The fakes are the real digits themselves, shrunk: copies of every one, read as their own class.
+    assert values["memorisation"] == 1.0
+    assert values["class_consistency"] > 0.9
+    assert summary["fake"]["count"] == 60 and summary["real"]["size"] == [1, 16, 16]
+    assert "sampling" not in result.stderr  # nothing was drawn
+    for name in ("report.png", "nearest.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_held_out_images_are_neither_copies_nor_far_from_real(tmp_path):
+    real, _, other = _digit_folders(tmp_path)
+    copies = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={real}", "metrics=[swd,memorisation]")["metrics"]
+    held_out = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={other}", "metrics=[swd,memorisation]")["metrics"]
+    assert copies["memorisation"] == 1.0 and held_out["memorisation"] < 0.1
+    assert copies["swd"] < held_out["swd"]
+
+
+def test_results_follow_the_seed(tmp_path):
+    real, _, other = _digit_folders(tmp_path)
+    common = [f"real_dir={real}", f"fake_dir={other}", "metrics=[swd]"]
+    first, again = (_evaluate(tmp_path, *common, "seed=1")["metrics"] for _ in range(2))
+    assert first == again
+    assert _evaluate(tmp_path, *common, "seed=2")["metrics"]["swd"] != first["swd"]
+
+
+def test_a_checkpoint_is_measured_against_the_images_it_was_trained_with(trained_run, tmp_path):
+    summary = _evaluate(tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_samples=30",
+                        "steps=2", "metrics=[swd,memorisation,class_consistency]")
+    assert summary["real"]["count"] == 90 and summary["train"]["count"] == 1707  # the digits' 5% / 95% split
+    assert summary["fake"]["count"] == 30 and summary["fake"]["size"] == [1, 8, 8]
+    assert {"swd", "memorisation", "class_consistency", "classifier_accuracy"} <= summary["metrics"].keys()
+
+
+def test_fid_and_kid_come_from_a_local_inception_file(tmp_path):
+    real, fake, other = _digit_folders(tmp_path)
+    weights = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(TinyInception()), str(weights))
+    same = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={real}", f"inception={weights}", "metrics=[fid]")
+    apart = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={other}", f"inception={weights}", "metrics=[fid]")
+    assert same["metrics"]["fid"] < 1e-3 < apart["metrics"]["fid"]
+    assert "kid" in apart["metrics"] and not any("FID/KID skipped" in n for n in apart["notes"])
+    without = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={other}", "metrics=[fid]")
+    assert "fid" not in without["metrics"] and any("inception=" in n for n in without["notes"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "nothing to evaluate: pass fake_dir=DIR"),
+        (["fake_dir=FAKE"], "no real images: pass real_dir=DIR"),
+        (["fake_dir=FAKE", "real_dir=/no/such/dir"], "real_dir=/no/such/dir is not a folder"),
+        (["fake_dir=FAKE", "real_dir=FAKE", "metrics=[sharpness]"], "'sharpness' not known"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, overrides, message):
+    _, fake, _ = _digit_folders(tmp_path)
+    overrides = [o.replace("FAKE", str(fake)) for o in overrides]
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("[", r"\[")):
+        run_task(evaluate, compose_config("evaluate", [f"output_dir={tmp_path / 'out'}", *overrides]))
+
+
+def test_earlier_results_are_not_overwritten(tmp_path):
+    real, fake, _ = _digit_folders(tmp_path)
+    args = [f"real_dir={real}", f"fake_dir={fake}", "metrics=[swd]", f"output_dir={tmp_path / 'out'}"]
+    run_task(evaluate, compose_config("evaluate", args))
+    with pytest.raises(SystemExit, match="already holds metrics.json"):
+        run_task(evaluate, compose_config("evaluate", args))
+
+
+# --- checkpoints record their images ---
+
+
+def test_checkpoints_record_the_content_of_every_training_and_validation_image(trained_run, image_folder, tmp_path):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    record = ckpt["fiberaug"]["data"]
+    digits = load_digits()
+    arrays = np.round(digits.images / 16 * 255).astype(np.uint8)[..., None]
+    everything = {hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays}
+    assert len(record["train"]) == 1707 and len(record["val"]) == 90
+    assert set(record["train"]) | set(record["val"]) <= everything and not set(record["train"]) & set(record["val"])
+
+    root = image_folder(broken=False)
+    folder = ["data=folder", f"data.root={root}", "data.image_size=8", "data.channels=3", "trainer.max_steps=1"]
+    train(compose_config("train", [*TINY, *folder], tmp_path / "run"))
+    record = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["fiberaug"]["data"]
+    files = {hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.suffix in (".png", ".jpg",
+                                                                                                 ".tif")}
+    assert set(record["train"]) | set(record["val"]) == files
+
+
+# --- during training ---
+
+
+def test_sample_metrics_are_logged_at_every_validation_and_rank_the_checkpoints(tmp_path):
+    monitor = ["callbacks.model_checkpoint.monitor=val/swd", "callbacks.model_checkpoint.mode=min"]
+    train(compose_config("train", [*TINY, *monitor, "model.lr=3e-2"], tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    swd = {e.step + 1: e.value for e in events.Scalars("val/swd")}
+    assert sorted(swd) == [5, 10] and {"val/memorisation", "val/loss"} <= set(events.Tags()["scalars"])
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    (state,) = (v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert ckpt["global_step"] == min(swd, key=swd.get)
+    assert state["best_model_score"].item() == pytest.approx(min(swd.values()), rel=1e-6)
+
+
+# --- task=utility ---
+
+
+def test_utility_table_end_to_end_on_a_tiny_split(trained_run, tmp_path):
+    out = tmp_path / "utility"
+    result = run_script(
+        "evaluate.py", "task=utility", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"output_dir={out}",
+        "utility.shots=10", "utility.synthetic_per_class=3", "utility.seeds=2", "utility.steps=150", "steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((out / "utility.json").read_text())
+    assert table["held_out"] == 90 and table["shots_per_class"] == 10 and table["generator_trained_on"] == 1707
+    assert list(table["accuracy"]) == ["real", "real + classical", "real + synthetic", "real + classical + synthetic"]
+    assert all(len(row["runs"]) == 2 for row in table["accuracy"].values())
+    assert table["accuracy"]["real"]["mean"] > 0.4, "100 real digits taught the classifier next to nothing"
+    assert "real + classical + synthetic" in result.stdout and "±" in result.stdout
+
+
+def test_utility_refuses_held_out_images_the_generator_was_trained_on(trained_run, tmp_path):
+    cfg = compose_config("evaluate", ["task=utility", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+                                      "data=digits", "data.image_size=8", "data.split_seed=7",
+                                      f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"\d+ of the 90 held-out images trained ckpt_path="):
+        run_task(evaluate, cfg)
+    assert not (tmp_path / "utility.json").exists()
