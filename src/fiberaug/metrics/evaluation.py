@@ -11,7 +11,8 @@
 | `class_consistency`, `…/<class>` | higher | share read as their class by a classifier trained on real images |
 | `classifier_accuracy` | higher | that classifier's accuracy on held-out real images: how far to trust it |
 
-`CHEAP` (SWD and memorisation) take a second or two for a few hundred images up to 64×64 on a CPU.
+`CHEAP` (SWD and memorisation), for a training callback: 500 against 500 images take about half a second
+at 16×16 and 2–3 s at 64×64×3 on two CPU cores (SWD is nearly all of it).
 """
 
 from __future__ import annotations
