@@ -136,6 +136,11 @@ class ImageCache:
     def enabled(self) -> bool:
         return self._arena.budget > 0 or self.folder is not None
 
+    @property
+    def memory_used(self) -> int:
+        """Bytes of decoded images in the memory tier."""
+        return self._arena.used
+
     def decode(self, source: Path | bytes) -> np.ndarray:
         """Decode no more than needed (JPEG draft mode), then scale the short side to `side`: the cached result."""
         # A transform per call: albumentations transforms keep per-call state, and `build` decodes in threads.
@@ -278,7 +283,9 @@ class ImageCache:
         np.save(buffer, array, allow_pickle=False)
         body = buffer.getvalue()
         try:
-            write_atomic(self.entry_path(key), body + _TRAILER + zlib.crc32(body).to_bytes(4, "little"))
+            # No fsync: an entry a power loss damages fails its checksum and is rebuilt.
+            data = body + _TRAILER + zlib.crc32(body).to_bytes(4, "little")
+            write_atomic(self.entry_path(key), data, durable=False)
         except OSError as exc:
             if not self._warned_write:
                 self._warned_write = True
