@@ -18,7 +18,8 @@ from conftest import CONF, save
 from fiberaug.data import FolderDataModule
 from fiberaug.data import cache as cache_module
 from fiberaug.data.cache import ImageCache
-from fiberaug.data.images import encode_image
+from fiberaug.data.images import encode_image, list_images, read_image, to_channels
+from fiberaug.data.pipelines import scale_transform
 from fiberaug.errors import UserError
 
 ENTRY_BYTES = 8 * 16 * 3  # a 16x32 RGB image at short side 8: a multiple of the memory tier's 64-byte alignment
@@ -105,6 +106,20 @@ def test_cache_on_and_off_give_bit_identical_batches(image_folder, tmp_path):
         for epoch in (0, 1):
             assert torch.equal(_epoch(on, epoch), expected[epoch]), f"cache_mb={cache_mb} changed epoch {epoch}"
     assert not torch.equal(expected[0], expected[1]), "the epochs drew the same augmentations"
+
+
+def test_cached_images_match_scaling_in_float_within_rounding(image_folder):
+    """The cache composites alpha and scales in the decoded dtype: what the pipeline did in float, up to rounding.
+
+    Two roundings (compositing, scaling) and OpenCV's fixed-point interpolation stay within 1.5/255; scaling
+    colour and alpha apart, or compositing after scaling, misses by up to 50/255 on the RGBA image.
+    """
+    cache = ImageCache(side=40)  # upscales and downscales the folder's images
+    for path in list_images(image_folder(broken=False)):  # RGB, gray JPEG, RGBA, 16-bit gray, TIFF
+        for channels in (1, 3):
+            in_float = scale_transform(40)(image=to_channels(read_image(path, min_side=40), channels))["image"]
+            cached = to_channels(cache.decode(path), channels)
+            assert cached.shape == in_float.shape and np.abs(cached - in_float).max() < 1.5 / 255, path.name
 
 
 def test_a_changed_file_is_decoded_again_within_a_run_and_across_runs(tmp_path):

@@ -1,9 +1,10 @@
 """The decoded-image cache of `data=folder`: each photo decoded once at the working scale, then reused.
 
 What is cached is the image as the pipeline's deterministic first step leaves it: decoded at reduced scale
-(JPEG draft mode) and scaled so its short side is the side the pipeline works at, in the dtype and channels
-it was decoded with (uint8 or uint16; gray, gray+alpha, RGB or RGBA). Channel conversion, augmentations and
-the crop still run on every draw, so each epoch draws them afresh.
+(JPEG draft mode), alpha composited onto black (as `to_channels` does, but before scaling, which must not
+bleed the colour of transparent pixels), and scaled so its short side is the side the pipeline works at, in
+the dtype it was decoded with (uint8 or uint16) and its gray or RGB channels. Conversion to `data.channels`,
+augmentations and the crop still run on every draw, so each epoch draws them afresh.
 
 Two tiers. Memory: a few large buffers filled in the main process at setup, up to a budget. DataLoader
 workers started by fork share their pages: nothing writes to them, so copy-on-write copies nothing, and one
@@ -43,7 +44,7 @@ import PIL
 import platformdirs
 from tqdm import tqdm
 
-from fiberaug.data.images import read_image
+from fiberaug.data.images import composite_alpha, read_image
 from fiberaug.data.pipelines import scale_transform
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
@@ -126,7 +127,8 @@ class ImageCache:
         self._arena = _Arena(memory_bytes)
         self._files: dict[Path, _File] = {}
         self._recipe = (
-            f"fiberaug-decoded v{FORMAT_VERSION}; short side {side}; JPEG draft mode; SmallestMaxSize, area down;"
+            f"fiberaug-decoded v{FORMAT_VERSION}; alpha onto black; short side {side}; JPEG draft mode;"
+            " SmallestMaxSize, area down;"
             f" Pillow {PIL.__version__}; OpenCV {cv2.__version__}; albumentations {A.__version__}"
         )
         self._warned_write = False
@@ -142,9 +144,10 @@ class ImageCache:
         return self._arena.used
 
     def decode(self, source: Path | bytes) -> np.ndarray:
-        """Decode no more than needed (JPEG draft mode), then scale the short side to `side`: the cached result."""
+        """Decode no more than needed (JPEG draft mode), composite alpha onto black, scale the short side to `side`."""
+        array = composite_alpha(read_image(source, min_side=self.side))
         # A transform per call: albumentations transforms keep per-call state, and `build` decodes in threads.
-        return scale_transform(self.side)(image=read_image(source, min_side=self.side))["image"]
+        return scale_transform(self.side)(image=array)["image"]
 
     def key(self, sha256: str) -> str:
         """The disk entry's name: the content hash and everything that shapes the decoded result."""
@@ -272,7 +275,8 @@ class ImageCache:
         if len(data) < 8 or trailer[:4] != _TRAILER or int.from_bytes(trailer[4:], "little") != zlib.crc32(body):
             raise ValueError("checksum does not match: truncated or overwritten")
         array = np.load(io.BytesIO(body), allow_pickle=False)
-        if array.ndim != 3 or array.dtype not in (np.uint8, np.uint16) or min(array.shape[:2]) != self.side:
+        if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype not in (np.uint8, np.uint16) \
+                or min(array.shape[:2]) != self.side:
             raise ValueError(f"holds {array.dtype} of shape {array.shape}, not an image of short side {self.side}")
         return array
 

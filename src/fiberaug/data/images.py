@@ -160,6 +160,19 @@ def write_image(path: Path, array: np.ndarray, jpeg_quality: int = 95) -> bytes:
     return data
 
 
+def composite_alpha(array: np.ndarray) -> np.ndarray:
+    """Gray+alpha or RGBA composited onto black in the array's own dtype (rounded), alpha dropped; others as they are.
+
+    What `to_channels` does in float, done before an image is scaled: scaling colour and alpha apart would bleed
+    the colour of transparent pixels into their neighbours.
+    """
+    if array.shape[2] not in (2, 4):
+        return array
+    maximum = np.iinfo(array.dtype).max
+    colour, alpha = array[..., :-1].astype(np.uint64), array[..., -1:].astype(np.uint64)
+    return ((colour * alpha + maximum // 2) // maximum).astype(array.dtype)
+
+
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     """Float32 H×W×`channels` in [0, 1]: alpha is composited onto black, gray is repeated, RGB becomes luma."""
     scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(array.dtype, 1.0)
