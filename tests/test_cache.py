@@ -89,6 +89,9 @@ def test_memory_tier_holds_cache_mb_and_the_rest_comes_from_disk(tmp_path, count
     decodes, disk_reads = count(cache_module, "read_image"), count(ImageCache, "_load")
     assert len(_epoch(dm, 0)) == 6
     assert (decodes(), disk_reads()) == (0, 3), "three images fit the memory budget, three must come from disk"
+    os.utime(dm.train_set.items[0])  # in memory: a new mtime, the same content
+    _epoch(dm, 1)
+    assert (decodes(), disk_reads()) == (0, 6), "a touched file left the memory tier"
     memory_only = _folder(tmp_path / "photos", None, cache_mb=3 * ENTRY_BYTES / 2**20)
     assert decodes() == 6
     _epoch(memory_only, 0)

@@ -160,8 +160,7 @@ class ImageCache:
         """The SHA-256 of the file's bytes: hashed once per run (at `build`), again only if the file changed."""
         file = self._files.get(path)
         if file is None or file.state != file_state(path):
-            file, _ = self._examine(path)
-            self._files[path] = file
+            file, _ = self._refresh(path, file)
         return file.sha256
 
     def build(self, paths: Sequence[Path]) -> None:
@@ -193,7 +192,8 @@ class ImageCache:
                 if array is not None and file.key not in slots:
                     slots[file.key] = self._arena.add(array)
                 self._files[path] = replace(file, slot=slots.get(file.key))
-                counts["memory" if self._files[path].slot else "not in memory"] += how != "failed"
+                if how != "failed":
+                    counts["memory" if self._files[path].slot else "not in memory"] += 1
         log.info(
             "decoded-image cache: %d images at short side %d in %.1f s (%d decoded, %d from the disk cache, %d"
             " unreadable); %d in memory (%.0f MiB, data.cache_mb=%g), %d %s",
@@ -207,8 +207,7 @@ class ImageCache:
             return self.decode(path)
         file, data = self._files.get(path), None
         if file is None or file.state != file_state(path):  # changed since it was hashed: the old decode is stale
-            file, data = self._examine(path)
-            self._files[path] = file
+            file, data = self._refresh(path, file)
         if file.slot is not None and self._arena.buffers:
             return self._arena.get(file.slot)
         if self.folder is None:  # beyond the memory budget, no disk tier
@@ -216,8 +215,7 @@ class ImageCache:
         array = self._load(file.key)
         if array is None:
             if data is None:
-                file, data = self._examine(path)  # decode the very bytes that give the key it is stored under
-                self._files[path] = file
+                file, data = self._refresh(path, file)  # decode the very bytes that give the key it is stored under
             array = self.decode(data)
             self._store(file.key, array)
         return array
@@ -231,6 +229,14 @@ class ImageCache:
                 "they read %s", self.folder or "nothing cached (no data.cache_dir) and decode every image"
             )
         return {**self.__dict__, "_arena": _Arena(0)}
+
+    def _refresh(self, path: Path, old: _File | None) -> tuple[_File, bytes]:
+        """Hash the file again and record it; it keeps its memory slot if its content is the same (a `touch`)."""
+        file, data = self._examine(path)
+        if old is not None and old.key == file.key:
+            file = replace(file, slot=old.slot)
+        self._files[path] = file
+        return file, data
 
     def _examine(self, path: Path) -> tuple[_File, bytes]:
         state = file_state(path)
