@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,20 +14,25 @@ from fiberaug.errors import UserError
 TEMP_SUFFIX = ".fiberaug-tmp"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to a hidden temporary name beside `path`, flush it to disk, then rename it over `path`.
 
-    A file that already holds exactly `data` is left untouched.
+    A file that already holds exactly `data` is left untouched. The temporary name is the process's and
+    thread's own, so two writers of one path never write into the same temporary file. `durable=False` skips
+    the flush to disk (one `fsync` per file, slow on network file systems), for files whose damage by a power
+    loss is detected and repaired anyway, such as checksummed cache entries; the rename still keeps other
+    processes from ever seeing a partial file.
     """
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     try:
         with open(temp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from fiberaug.data.cache import ImageCache, default_cache_dir
 from fiberaug.data.datasets import AugmentedImages, EpochSampler
-from fiberaug.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from fiberaug.data.images import IMAGE_EXTENSIONS, list_images
 from fiberaug.data.pipelines import scaled_side, sized_pipeline
 from fiberaug.errors import UserError
 from fiberaug.seeding import derive_seed
@@ -208,24 +210,38 @@ class DigitsDataModule(ImageDataModule):
 class FolderDataModule(ImageDataModule):
     """Every image below `root`; top-level sub-folders are the classes when every image lies in one.
 
-    The sorted sub-folder names give the class indices.
+    The sorted sub-folder names give the class indices. Each image is decoded once at the working scale and
+    kept in the decoded-image cache (`fiberaug.data.cache`): up to `cache_mb` MiB in memory, shared by forked
+    workers, and in `cache_dir` on disk for later epochs, workers and runs ("auto": the user's cache folder;
+    None: no disk tier). `cache_mb=0, cache_dir=None` decodes every image on every draw.
     """
 
-    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, root: str | None = None, cache_mb: float = 1024, cache_dir: str | None = "auto", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not 0 <= cache_mb < math.inf:
+            raise UserError(f"data.cache_mb={cache_mb!r} must be a number of MiB, 0 or more (0: no memory cache)")
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
+            raise UserError(
+                f"data.cache_dir={cache_dir!r} must be a folder, auto (the user's cache folder) or null (no disk cache)"
+            )
         self.root = root
+        folder = default_cache_dir() if cache_dir == "auto" else Path(cache_dir).expanduser() if cache_dir else None
+        self.images = ImageCache(self.scaled_side, int(cache_mb * 2**20), folder)
 
     @property
-    def reader(self) -> Callable[[Any], np.ndarray]:
-        # Decode no more than the short side the pipeline scales to (JPEG draft mode).
-        return partial(read_image, min_side=self.scaled_side)
+    def reader(self) -> ImageCache:
+        # Decodes no more than the short side the pipeline scales to (JPEG draft mode), scaled to it, once.
+        return self.images
 
     def item_id(self, item: Path) -> str:
-        digest = hashlib.sha256()
-        with open(item, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return self.images.content_hash(item)  # hashed once, when the cache is built, unless the file changed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            super().setup(stage)
+            self.images.build([*self.train_set.items, *self.val_set.items])  # training images first into memory
 
     def load_items(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.root:

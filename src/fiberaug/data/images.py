@@ -34,20 +34,21 @@ def list_images(root: Path) -> list[Path]:
     )
 
 
-def read_image(path: Path, min_side: int | None = None) -> np.ndarray:
-    """Decode `path` to an H×W×C array (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) with EXIF orientation applied.
+def read_image(source: Path | bytes, min_side: int | None = None) -> np.ndarray:
+    """Decode a file (its path, or its bytes) to an H×W×C array (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA).
 
     8-bit sources give uint8 and 16-bit sources give uint16, colour included (Pillow decodes 16-bit colour
     as 8-bit, so OpenCV reads those). `min_side` lets JPEG decoding skip resolution that would be thrown
-    away: a 4032×3024 photo needed at 512 pixels decodes at 1/4 scale. Raises OSError or ValueError for
-    files that are not images or are damaged (Pillow refuses truncated data instead of padding it grey).
+    away: a 4032×3024 photo needed at 512 pixels decodes at 1/4 scale. Upright: EXIF orientation is applied.
+    Passing bytes lets a caller decode exactly the bytes it hashed. Raises OSError or ValueError for files that
+    are not images or are damaged (Pillow refuses truncated data instead of padding it grey).
     """
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
         rawmode = im.tile[0].args if im.tile else ""  # read first: getexif() may decode a PNG and clear tile
         rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         if im.mode in ("RGB", "RGBA") and ";16" in str(rawmode):
-            array = _read_16bit_colour(path)
+            array = _read_16bit_colour(source)
         else:
             if min_side:
                 im.draft(im.mode, (min_side, min_side))
@@ -75,8 +76,11 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _read_16bit_colour(path: Path) -> np.ndarray:
-    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _read_16bit_colour(source: Path | bytes) -> np.ndarray:
+    if isinstance(source, bytes):
+        array = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        array = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
     if array is None:
         raise ValueError("OpenCV could not decode this 16-bit colour image")
     code = cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB
@@ -154,6 +158,19 @@ def write_image(path: Path, array: np.ndarray, jpeg_quality: int = 95) -> bytes:
     data = encode_image(array, path.suffix, jpeg_quality)
     write_atomic(path, data)
     return data
+
+
+def composite_alpha(array: np.ndarray) -> np.ndarray:
+    """Gray+alpha or RGBA composited onto black in the array's own dtype (rounded), alpha dropped; others as they are.
+
+    What `to_channels` does in float, done before an image is scaled: scaling colour and alpha apart would bleed
+    the colour of transparent pixels into their neighbours.
+    """
+    if array.shape[2] not in (2, 4):
+        return array
+    maximum = np.iinfo(array.dtype).max
+    colour, alpha = array[..., :-1].astype(np.uint64), array[..., -1:].astype(np.uint64)
+    return ((colour * alpha + maximum // 2) // maximum).astype(array.dtype)
 
 
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:

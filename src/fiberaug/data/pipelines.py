@@ -104,6 +104,15 @@ def scaled_side(image_size: int, policy: str = "resize", crop_scale: float = 1.0
     return image_size if policy == "resize" else max(image_size, round(image_size / crop_scale))
 
 
+def scale_transform(side: int) -> A.SmallestMaxSize:
+    """Scale the short side to `side` (area interpolation when shrinking): the deterministic first step of a pipeline.
+
+    An image already at that scale passes through unchanged, so images decoded and scaled once (the decoded-image
+    cache) and images scaled inside the pipeline come out alike.
+    """
+    return A.SmallestMaxSize(max_size=side, area_for_downscale="image")
+
+
 def sized_pipeline(
     image_size: int,
     policy: str = "resize",
@@ -121,7 +130,7 @@ def sized_pipeline(
     """
     crop = A.RandomCrop if policy == "random_crop" and train else A.CenterCrop
     transforms = [
-        A.SmallestMaxSize(max_size=scaled_side(image_size, policy, crop_scale), area_for_downscale="image"),
+        scale_transform(scaled_side(image_size, policy, crop_scale)),
         *(build_transforms(augment) if train else []),
         crop(image_size, image_size, pad_if_needed=True),
     ]
