@@ -171,7 +171,7 @@ def test_sizes_other_than_powers_of_two_from_16_are_refused(size):
 def test_model_gan_config_and_command_line_precedence(tmp_path):
     cfg = compose_config("train", ["model=gan"], tmp_path)
     assert cfg.loss.name == "bce" and cfg.trainer.max_steps == 4000 and cfg.trainer.gradient_clip_val is None
-    assert cfg.callbacks.ema is None and cfg.callbacks.model_checkpoint.monitor is None
+    assert cfg.callbacks.ema is None and cfg.callbacks.model_checkpoint.monitor == "val/swd"
     cfg = compose_config("train", ["model=gan", "loss=wasserstein", "model.latent_dim=32", "trainer.max_steps=7"])
     assert (cfg.loss.name, cfg.loss.n_critic, cfg.model.latent_dim, cfg.trainer.max_steps) == ("wasserstein", 5, 32, 7)
 
@@ -221,7 +221,9 @@ def test_resume_from_an_epoch_boundary_ends_bit_identical(tmp_path):
 
 def test_a_snapshot_is_kept_at_every_snapshot_epoch_the_last_one_included(tmp_path):
     # Five batches an epoch, each a critic and a generator step: epochs end at steps 10 and 20.
-    overrides = ["callbacks.model_checkpoint.every_n_epochs=1", "trainer.max_steps=20"]
+    snapshots = ["callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
+                 "callbacks.model_checkpoint.filename='epoch{epoch:04d}-step{step:07d}'"]
+    overrides = [*snapshots, "callbacks.model_checkpoint.every_n_epochs=1", "trainer.max_steps=20"]
     train(compose_config("train", [*GAN_TINY, *overrides], tmp_path))
     snapshots = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch*.ckpt"))
     assert snapshots == ["epoch0000-step0000010.ckpt", "epoch0001-step0000020.ckpt"]

@@ -8,6 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning import callbacks
 
+from fiberaug.callbacks.common import validates
+
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
     """Lightning's `ModelCheckpoint`, plus a `last.ckpt` written at the final step or epoch.
@@ -17,18 +19,25 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     `on_train_end` would be too late: an EMA callback has by then copied its average over the raw
     weights that a resume needs. That early save must not count as the step's save: Lightning skips
     any save at a step it has saved already, and the validation that may still follow the final step
-    (or a GAN's epoch-end snapshot) has to be ranked.
+    (or a GAN's epoch-end ranking) has to be ranked.
+
+    In a run without a validation loop (a GAN) the epoch-end saves are made after the epoch's last
+    batch instead of in `on_train_epoch_end`: Lightning resumes a checkpoint written there one batch
+    into the finished epoch when no validation has run, which breaks an exact resume.
     """
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and not validates(trainer, pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
         if 0 < trainer.max_steps <= trainer.global_step:
             self._save_final(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        if validates(trainer, pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
         if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1:
             self._save_final(trainer)
 

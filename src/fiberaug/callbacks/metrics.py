@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from fiberaug.callbacks.sample_grid import evaluation_model
+from fiberaug.callbacks.common import evaluation_model, validates
 from fiberaug.metrics import CHEAP, evaluate_images
 
 
@@ -18,10 +17,10 @@ class SampleMetrics(pl.Callback):
     measured against the training images.
 
     A model with a validation loop is measured at the end of every validation, so `val/swd` can rank the
-    checkpoints that validation writes; a GAN, which has none, every `every_n_epochs` epochs, before the
-    checkpoint callback of that epoch end. The weights measured are the ones checkpoints hold (the EMA
-    average when there is one). Rank 0 measures and the others receive its values, so every process logs
-    and ranks alike.
+    checkpoints that validation writes; a GAN, which has none, after the last batch of every
+    `every_n_epochs`-th epoch, just before the checkpoint callback makes that epoch's saves. The weights
+    measured are the ones checkpoints hold (the EMA average when there is one). Rank 0 measures and the
+    others receive its values, so every process logs and ranks alike.
     """
 
     def __init__(
@@ -45,8 +44,12 @@ class SampleMetrics(pl.Callback):
         if not trainer.sanity_checking:
             self._measure(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not is_overridden("validation_step", pl_module) and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After the epoch's last batch, where the checkpoint callback makes its epoch-end saves without validation.
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not validates(trainer, pl_module):
             self._measure(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

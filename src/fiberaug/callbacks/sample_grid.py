@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from fiberaug.callbacks.common import evaluation_model
 from fiberaug.imaging import make_grid, save_png, to_uint8
-from fiberaug.models.base import GenerativeModule
 
 
 class SampleGrid(pl.Callback):
@@ -49,11 +48,3 @@ class SampleGrid(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HWC")
-
-
-def evaluation_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GenerativeModule:
-    """The weights checkpoints hold: the weight-averaging (EMA) callback's average when there is one."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
-            return callback._average_model.module
-    return pl_module
