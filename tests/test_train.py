@@ -31,8 +31,8 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     events = _events(trained_run)
     scalars = events.Tags()["scalars"]
-    assert {"train/loss", "val/loss", "lr-AdamW"} <= set(scalars)
-    assert [e.step for e in events.Scalars("val/loss")] == [4, 9]
+    assert {"loss/train", "loss/val", "lr-AdamW"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss/val")] == [4, 9]
     assert [e.step for e in events.Images("samples")] == [5, 10]
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
@@ -76,7 +76,7 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(uninterrupted, 
     resume = tmp_path / "first" / "checkpoints" / "last.ckpt"
     train(compose_config("train", [*RESUMABLE, f"ckpt_path={resume}"], tmp_path / "resumed"))
     _assert_same_state(_ckpt(tmp_path / "resumed"), uninterrupted)
-    steps = [e.step for e in _events(tmp_path / "resumed").Scalars("train/loss")]
+    steps = [e.step for e in _events(tmp_path / "resumed").Scalars("loss/train")]
     assert steps and min(steps) >= stop, f"the resumed run logged steps {steps} from before the checkpoint"
 
 
@@ -85,9 +85,9 @@ def test_best_checkpoint_ranks_every_validation_the_last_one_included(tmp_path, 
     ranking = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=max"]
     train(compose_config("train", [*TINY, *ranking], tmp_path))
     assert [p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")] == ["best-epoch0001-step0000010.ckpt"]
-    # By val/loss (the default), the best file holds the lowest validation loss that was logged.
+    # By loss/val (the default), the best file holds the lowest validation loss that was logged.
     (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
-    logged = {e.step + 1: e.value for e in _events(trained_run).Scalars("val/loss")}
+    logged = {e.step + 1: e.value for e in _events(trained_run).Scalars("loss/val")}
     assert _global_step(best) == min(logged, key=logged.get)
 
 
@@ -121,7 +121,9 @@ def test_gradient_checkpointing_trains(tmp_path):
 
 
 def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
-    result = run_script("train.py", "-m", *TINY, "seed=1,2", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    result = run_script(
+        "train.py", "-m", *TINY, "seed=1,2", "trainer.max_steps=2", "trainer.limit_train_batches=2", f"hydra.sweep.dir={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job, seed in (("0", 1), ("1", 2)):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
