@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from conftest import TINY, compose_config, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2 as hparams_api
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from fiberaug.tasks import run_task
 from fiberaug.tasks.train import resolve_precision, train
@@ -120,14 +123,39 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 3
 
 
-def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
-    result = run_script(
-        "train.py", "-m", *TINY, "seed=1,2", "trainer.max_steps=2", "trainer.limit_train_batches=2", f"hydra.sweep.dir={tmp_path}"
-    )
+def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
+    """A run's HPARAMS row as TensorBoard reads it: its parameters, its end status, and its hparams summary tags."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    params = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    end = content.get(hparams_metadata.SESSION_END_INFO_TAG)
+    return params, hparams_metadata.parse_session_end_info_plugin_data(end).status if end else None, set(content)
+
+
+def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_path):
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
+    result = run_script("train.py", "-m", *overrides, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     for job, seed in (("0", 1), ("1", 2)):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         assert f"seed={seed}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        params, status, tags = hparams_session(tmp_path / job)
+        assert params["seed"] == seed and params["model"] == "ddpm" and params["model/denoiser"] == "context_unet"
+        assert params["model.lr"] == pytest.approx(1e-3) and params["model.schedule"] == "cosine"
+        assert params["data.batch_size"] == 16 and params["data.image_size"] == 8 and params["augment"] == "none"
+        assert params["trainer.precision"] == "32-true" and params["effective_batch_size"] == 16
+        assert params["model.denoiser.channel_mults"] == "[1, 2]" and params["model/params/total"] > 0
+        # No experiment summary: TensorBoard would take every run's columns from one of them.
+        assert status == hparams_api.STATUS_SUCCESS and hparams_metadata.EXPERIMENT_TAG not in tags
+        # HPARAMS shows the last value of each scalar of the run: loss/val's is the value train.py returned.
+        events = _events(tmp_path / job)
+        assert [e.step for e in events.Scalars("loss/val")] == [1]  # no extra point at step 0
+        record = json.loads((tmp_path / job / "job.json").read_text())
+        assert record["value"] == pytest.approx(events.Scalars("loss/val")[-1].value)
+        # TensorBoard shows groups in the order of their names: the losses first.
+        assert sorted({tag.split("/")[0] for tag in events.Tags()["scalars"]})[0] == "loss"
 
 
 @pytest.mark.parametrize(
