@@ -18,8 +18,9 @@ RECORD = "job.json"
 
 
 def identifying(overrides: Sequence[str]) -> list[str]:
-    """A run's command-line overrides as they identify it: `ckpt_path` only says where it starts."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    """A run's command-line overrides as they identify it: sorted (Optuna lists a trial's parameters in another
+    order when it runs the trial again), and without `ckpt_path`, which only says where the run starts."""
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "ckpt_path")
 
 
 def sweep_name(overrides: Sequence[str]) -> str:
