@@ -97,12 +97,14 @@ def test_an_optuna_study_runs_its_trials_and_an_interrupted_one_continues_from_i
 def test_submitit_local_runs_each_job_of_a_sweep_in_its_own_process(tmp_path):
     overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
     result = run_script("train.py", "-m", "hydra/launcher=submitit_local", *overrides, "seed=1,2",
-                        f"hydra.sweep.dir={tmp_path}")
+                        f"paths.log_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    results = sorted((tmp_path / ".submitit").glob("*/*_result.pkl"))
+    # Each job's process finds the sweep's folder, named in the submitting process.
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    results = sorted((sweep / ".submitit").glob("*/*_result.pkl"))
     assert len({path.parent.name for path in results}) == 2  # two submitit jobs, each a process
     returned = sorted(pickle.loads(path.read_bytes())[1].return_value for path in results)
-    assert returned == sorted(_record(tmp_path / job)["value"] for job in ("0", "1"))
+    assert returned == sorted(_record(sweep / job)["value"] for job in ("0", "1"))
 
 
 def test_ckpt_path_last_resumes_the_newest_run_with_the_same_overrides(tmp_path):
