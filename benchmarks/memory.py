@@ -1,7 +1,7 @@
 """Peak memory and time of a diffusion training step: gradient checkpointing and mixed precision vs fp32.
 
     python benchmarks/memory.py                        # ContextUNet (model=ddpm) at 64x64, batch 16
-    python benchmarks/memory.py --model diffusers --image-size 128 --batch-size 16 experiment=unet128_pretrain
+    python benchmarks/memory.py --model diffusers --image-size 128 --batch-size 16 experiment=fibres128_unet
     python benchmarks/memory.py --model diffusers_lora model.lora_on_random_base=true ...
 
 A step is forward, backward and the optimizer's update, so memory counts activations, gradients and

@@ -19,6 +19,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# tests/probes.py's callbacks, for runs of the real scripts: +callbacks.NAME._target_=probes.X
+PROBES = {"PYTHONPATH": str(Path(__file__).resolve().parent)}
+
 # A network and run small enough for seconds on two CPU cores, through every real code path.
 TINY = [
     "debug=fast",
@@ -45,9 +48,11 @@ def compose_config(name: str, overrides: list[str], output_dir: Path | None = No
     return cfg
 
 
-def run_script(script: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a top-level script in a fresh interpreter, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+def run_script(
+    script: str, *overrides: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a top-level script in a fresh interpreter, as a user would (with `env` added to the environment)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )

@@ -30,14 +30,16 @@ def _build_training_objects(cfg: DictConfig) -> None:
     instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-GROUPS = ("data", "model", "model/denoiser", "trainer", "logger", "callbacks", "experiment", "debug")
+GROUPS = ("data", "model", "model/denoiser", "trainer", "logger", "callbacks", "experiment", "hparams_search", "debug")
 # What some options need besides themselves: a folder, or a base for LoRA (here forced onto a random one).
 NEEDS = {
     "data=folder": ["data.root=unused"],
     "model=diffusers_lora": ["model.lora_on_random_base=true"],
-    "experiment=photos_ddpm": ["data.root=unused"],
-    "experiment=unet128_pretrain": ["data.root=unused"],
-    "experiment=unet128_lora": ["data.root=unused", "model.lora_on_random_base=true"],
+    "experiment=fibres64_ddpm": ["data.root=unused"],
+    "experiment=fibres128_ddpm": ["data.root=unused"],
+    "experiment=fibres128_gan": ["data.root=unused"],
+    "experiment=fibres128_unet": ["data.root=unused"],
+    "experiment=fibres128_lora": ["data.root=unused", "model.lora_on_random_base=true"],
 }
 
 
@@ -69,3 +71,12 @@ def test_every_augment_pipeline_builds_and_keeps_the_size(option, tmp_path):
 def test_sample_config_composes():
     cfg = compose_config("sample", ["ckpt_path=x.ckpt", "labels=[1,cat]"])
     assert cfg.labels == [1, "cat"] and cfg.sampler is None
+
+
+def test_slurm_launcher_config_extends_the_plugins_own():
+    cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.signal_delay_s == 120  # ours, and the plugin's default
+    with pytest.raises(Exception, match="partiton"):
+        compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"])

@@ -32,7 +32,7 @@ def test_precision_16_trains_in_float16_with_a_loss_scaler(tmp_path):
     ckpt = _checkpoint(tmp_path)
     assert ckpt["global_step"] == 6
     assert ckpt["MixedPrecision"]["scale"] > 0, "no GradScaler state: the run was not float16 mixed precision"
-    assert np.isfinite([v for _, v in _scalars(tmp_path, "train/loss")]).all()
+    assert np.isfinite([v for _, v in _scalars(tmp_path, "loss/train")]).all()
 
 
 def test_gan_clips_the_unscaled_gradient_under_float16(tmp_path, monkeypatch):

@@ -61,10 +61,10 @@ def test_wgan_gp_trains_through_the_script(wgan_run):
     # n_critic=5: batches 1-4 step the critic, batch 5 the critic and then the generator, ... up to 10 steps.
     assert ckpt["global_step"] == 10 and ckpt["gan"] == {"critic_steps": 9, "generator_steps": 1}
     assert _adam_steps(ckpt) == [1, 9]
-    for tag in ("train/critic_loss", "train/gradient_penalty", "train/wasserstein", "train/grad_norm_critic"):
+    for tag in ("loss/critic", "train/gradient_penalty", "train/wasserstein", "train/grad_norm_critic"):
         values = [v for _, v in _scalars(wgan_run, tag)]
         assert len(values) == 9 and np.isfinite(values).all(), tag
-    assert [step for step, _ in _scalars(wgan_run, "train/generator_loss")] == [6]  # logged at optimizer steps
+    assert [step for step, _ in _scalars(wgan_run, "loss/generator")] == [6]  # logged at optimizer steps
     assert (wgan_run / "samples" / "epoch0001-step0000010.png").is_file()
 
 
@@ -74,7 +74,7 @@ def test_other_losses_train_and_checkpoint(tmp_path, loss):
     ckpt = _checkpoint(tmp_path)
     assert ckpt["global_step"] == 10 and ckpt["gan"] == {"critic_steps": 5, "generator_steps": 5}
     assert ckpt["hyper_parameters"]["loss"]["name"] == loss
-    assert np.isfinite([v for _, v in _scalars(tmp_path, "train/generator_loss")]).all()
+    assert np.isfinite([v for _, v in _scalars(tmp_path, "loss/generator")]).all()
 
 
 def test_n_critic_critic_steps_per_generator_step_each_with_its_scheduler(tmp_path):
@@ -203,7 +203,7 @@ def test_resume_continues_the_step_counts(wgan_run, tmp_path):
     # From 9 critic + 1 generator steps: the 10th critic step is followed by the 2nd generator step.
     assert ckpt["global_step"] == 16 and ckpt["gan"] == {"critic_steps": 14, "generator_steps": 2}
     assert _adam_steps(ckpt) == [2, 14]
-    assert min(step for step, _ in _scalars(tmp_path, "train/critic_loss")) == 12
+    assert min(step for step, _ in _scalars(tmp_path, "loss/critic")) == 12
 
 
 def test_resume_from_an_epoch_boundary_ends_bit_identical(tmp_path):

@@ -231,7 +231,7 @@ def test_r1_is_lazy_with_gamma_times_the_interval(tmp_path, monkeypatch):
     train(compose_config("train", [*GAN_TINY, "loss=hinge", "loss.r1_gamma=auto", "loss.r1_interval=3"], tmp_path))
     assert steps == [0, 3]  # five critic steps, the first and the fourth regularised
     gamma = 0.0002 * 16**2 / 16  # auto, for 16x16 images in batches of 16 (debug=fast)
-    critic_loss = _scalars(tmp_path, "train/critic_loss")  # each batch logs at its last optimizer step: 2, 4, ...
+    critic_loss = _scalars(tmp_path, "loss/critic")  # each batch logs at its last optimizer step: 2, 4, ...
     for step, loss in critic_loss.items():
         r1 = gamma * 3 / 2 * 1e4 if step in (2, 8) else 0.0
         assert 0 <= loss - r1 < 5, (step, loss)  # the hinge part lies within [0, 5) this early
@@ -401,7 +401,7 @@ def test_v_prediction_with_min_snr_trains_in_mixed_precision_with_checkpointing(
     options = ["model.prediction_type=v_prediction", "model.loss_weighting=min_snr", "trainer.precision=16",
                "model.gradient_checkpointing=true", "trainer.max_steps=3"]
     train(compose_config("train", [*TINY, *options], tmp_path))
-    losses = list(_scalars(tmp_path, "train/loss").values())
+    losses = list(_scalars(tmp_path, "loss/train").values())
     assert len(losses) == 3 and np.isfinite(losses).all()
     model = load_generator(tmp_path / "checkpoints" / "last.ckpt")
     assert model.noise_scheduler.config.prediction_type == "v_prediction" and model.hparams.loss_weighting == "min_snr"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from conftest import TINY, compose_config, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2 as hparams_api
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from fiberaug.tasks import run_task
 from fiberaug.tasks.train import resolve_precision, train
@@ -31,8 +34,8 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     events = _events(trained_run)
     scalars = events.Tags()["scalars"]
-    assert {"train/loss", "val/loss", "lr-AdamW"} <= set(scalars)
-    assert [e.step for e in events.Scalars("val/loss")] == [4, 9]
+    assert {"loss/train", "loss/val", "lr-AdamW"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss/val")] == [4, 9]
     assert [e.step for e in events.Images("samples")] == [5, 10]
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
@@ -76,7 +79,7 @@ def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(uninterrupted, 
     resume = tmp_path / "first" / "checkpoints" / "last.ckpt"
     train(compose_config("train", [*RESUMABLE, f"ckpt_path={resume}"], tmp_path / "resumed"))
     _assert_same_state(_ckpt(tmp_path / "resumed"), uninterrupted)
-    steps = [e.step for e in _events(tmp_path / "resumed").Scalars("train/loss")]
+    steps = [e.step for e in _events(tmp_path / "resumed").Scalars("loss/train")]
     assert steps and min(steps) >= stop, f"the resumed run logged steps {steps} from before the checkpoint"
 
 
@@ -85,9 +88,9 @@ def test_best_checkpoint_ranks_every_validation_the_last_one_included(tmp_path, 
     ranking = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=max"]
     train(compose_config("train", [*TINY, *ranking], tmp_path))
     assert [p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")] == ["best-epoch0001-step0000010.ckpt"]
-    # By val/loss (the default), the best file holds the lowest validation loss that was logged.
+    # By loss/val (the default), the best file holds the lowest validation loss that was logged.
     (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
-    logged = {e.step + 1: e.value for e in _events(trained_run).Scalars("val/loss")}
+    logged = {e.step + 1: e.value for e in _events(trained_run).Scalars("loss/val")}
     assert _global_step(best) == min(logged, key=logged.get)
 
 
@@ -120,12 +123,39 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 3
 
 
-def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
-    result = run_script("train.py", "-m", *TINY, "seed=1,2", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}")
+def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
+    """A run's HPARAMS row as TensorBoard reads it: its parameters, its end status, and its hparams summary tags."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    params = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    end = content.get(hparams_metadata.SESSION_END_INFO_TAG)
+    return params, hparams_metadata.parse_session_end_info_plugin_data(end).status if end else None, set(content)
+
+
+def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_path):
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
+    result = run_script("train.py", "-m", *overrides, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     for job, seed in (("0", 1), ("1", 2)):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         assert f"seed={seed}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        params, status, tags = hparams_session(tmp_path / job)
+        assert params["seed"] == seed and params["model"] == "ddpm" and params["model/denoiser"] == "context_unet"
+        assert params["model.lr"] == pytest.approx(1e-3) and params["model.schedule"] == "cosine"
+        assert params["data.batch_size"] == 16 and params["data.image_size"] == 8 and params["augment"] == "none"
+        assert params["trainer.precision"] == "32-true" and params["effective_batch_size"] == 16
+        assert params["model.denoiser.channel_mults"] == "[1, 2]" and params["model/params/total"] > 0
+        # No experiment summary: TensorBoard would take every run's columns from one of them.
+        assert status == hparams_api.STATUS_SUCCESS and hparams_metadata.EXPERIMENT_TAG not in tags
+        # HPARAMS shows the last value of each scalar of the run: loss/val's is the value train.py returned.
+        events = _events(tmp_path / job)
+        assert [e.step for e in events.Scalars("loss/val")] == [1]  # no extra point at step 0
+        record = json.loads((tmp_path / job / "job.json").read_text())
+        assert record["value"] == pytest.approx(events.Scalars("loss/val")[-1].value)
+        # TensorBoard shows groups in the order of their names: the losses first.
+        assert sorted({tag.split("/")[0] for tag in events.Tags()["scalars"]})[0] == "loss"
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,10 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the ranking when a run resumes into another folder (Lightning drops it there), so the first
         validation after a resume is saved as best only if it beats the best before it. Files of the earlier
-        run are never deleted: Lightning removes only checkpoints inside this run's own folder."""
+        run are never deleted: Lightning removes only checkpoints inside this run's own folder. A run resuming in
+        its own folder (a sweep job run again) keeps writing `last.ckpt` there, not `last-v1.ckpt`."""
+        if state_dict.get("dirpath") == self.dirpath:
+            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
         self.best_model_score = state_dict["best_model_score"]
         self.best_model_path = state_dict["best_model_path"]
         self.best_k_models = state_dict.get("best_k_models", self.best_k_models)

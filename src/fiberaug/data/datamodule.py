@@ -52,7 +52,8 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # checkpoints keep them: evaluate.py rebuilds the same split from them
+        # Checkpoints keep them (evaluate.py rebuilds the same split); train.py logs its own hyperparameters.
+        self.save_hyperparameters(logger=False)
         if labels not in ("auto", "none"):
             raise UserError(f"data.labels={labels!r} must be 'auto' (use the classes the data has) or 'none'")
         if not isinstance(image_size, int) or image_size < 4:

@@ -23,6 +23,8 @@ class GenerativeModule(pl.LightningModule):
 
     #: Keyword options of `generate` that `sample.py` may pass on (e.g. `steps` for diffusion).
     sampling_options: tuple[str, ...] = ()
+    #: The names this module logs, so that `train.py` can refuse an `optimized_metric` nothing will log.
+    metric_names: tuple[str, ...] = ()
 
     def __init__(self, class_names: Sequence[str] = ()) -> None:
         super().__init__()
@@ -123,7 +125,12 @@ class GenerativeModule(pl.LightningModule):
         """A resumed run continues the random streams where the checkpoint left them (timesteps, noise, dropout).
 
         Restored here, after the sanity check and the data loaders' start, neither of which draws from them.
+        Under DDP every rank was seeded alike and would draw the same noise and timesteps for its different
+        images; ranks other than 0 start a stream of their own from (seed, rank, step) instead. A checkpoint
+        holds rank 0's streams, so rank 0 resumes exactly and the other ranks from that derived seed.
         """
         if self._resumed_rng is not None:
             set_rng_states(self._resumed_rng)
             self._resumed_rng = None
+        if self.global_rank > 0:
+            torch.manual_seed(derive_seed(torch.initial_seed(), self.global_rank, self.global_step))

@@ -51,11 +51,12 @@ class DiffusionModule(GenerativeModule):
 
     `prediction_type` (`epsilon` or `v_prediction`) is what the denoiser predicts; the schedule carries it
     to every sampler and to the export. `loss_weighting="min_snr"` weighs each sample's squared error by
-    Min-SNR-γ (`min_snr_gamma`); the validation loss is the same weighted objective, so compare `val/loss`
+    Min-SNR-γ (`min_snr_gamma`); the validation loss is the same weighted objective, so compare `loss/val`
     only between runs with the same prediction type and weighting.
     """
 
     sampling_options = ("sampler", "steps", "eta", "guidance_scale")
+    metric_names = ("loss/train", "loss/val")
 
     def __init__(
         self,
@@ -157,13 +158,13 @@ class DiffusionModule(GenerativeModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("loss/train", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         # The same timesteps and noise at every validation, so the curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        self.log("val/loss", self._loss(batch, generator), prog_bar=True, sync_dist=True)
+        self.log("loss/val", self._loss(batch, generator), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

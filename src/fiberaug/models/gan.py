@@ -128,6 +128,19 @@ class GANModule(GenerativeModule):
         self.critic_steps = 0
         self.generator_steps = 0
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What `training_step` and `on_before_optimizer_step` log under this recipe."""
+        names = ["loss/critic", "loss/generator", "train/real_score", "train/fake_score", "train/generator_step"]
+        names += ["train/grad_norm_critic", "train/grad_norm_generator", "lr/critic", "lr/generator"]
+        if isinstance(self.loss, WassersteinLoss):
+            names.append("train/wasserstein")
+        if self.recipe.gradient_penalty > 0:
+            names.append("train/gradient_penalty")
+        if self.recipe.r1:
+            names.append("train/r1_penalty")
+        return tuple(names)
+
     def _latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
@@ -154,7 +167,7 @@ class GANModule(GenerativeModule):
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()
-        return {**logs, "train/critic_loss": loss}
+        return {**logs, "loss/critic": loss}
 
     def _generator_step(self, opt: Optimizer, n: int, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt):
@@ -162,7 +175,7 @@ class GANModule(GenerativeModule):
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()
-        return {"train/generator_loss": loss}
+        return {"loss/generator": loss}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         real, labels = batch
@@ -179,13 +192,14 @@ class GANModule(GenerativeModule):
         logs |= {"lr/generator": opt_g.param_groups[0]["lr"], "lr/critic": opt_d.param_groups[0]["lr"]}
         # "step" sets the x-axis of the logged values: optimizer steps, as for checkpoints and sample grids.
         logs |= {"train/generator_step": float(self.generator_steps), "step": float(self.global_step)}
-        self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()})
+        # Synced: under DDP each rank's values come from its own shard, and the logs show their mean.
+        self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Log the gradient norm and clip it: Lightning calls this after unscaling float16 gradients."""
         is_generator = optimizer is self.trainer.optimizers[0]
         name, net = ("generator", self.generator) if is_generator else ("critic", self.discriminator)
-        self.log(f"train/grad_norm_{name}", grad_norm(net, norm_type=2)["grad_2.0_norm_total"])
+        self.log(f"train/grad_norm_{name}", grad_norm(net, norm_type=2)["grad_2.0_norm_total"], sync_dist=True)
         if clip := self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 

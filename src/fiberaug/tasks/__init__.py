@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fiberaug.errors import UserError
+from fiberaug.runs import sweep_name
+
+# conf/hydra/default.yaml names sweep folders with it. Cached on its argument's text, which is the same in the sweep's
+# config and in each job's (Hydra copies the cache to them), so every job resolves the sweep's own name.
+if not OmegaConf.has_resolver("fiberaug.sweep_name"):
+    OmegaConf.register_new_resolver("fiberaug.sweep_name", lambda items: sweep_name(list(items)), use_cache=True)
+
+# conf/hydra/launcher/submitit_slurm.yaml has the name of the submitit plugin's own config, so that users type the
+# plugin's name; it extends that config under another name (hydra_plugins/fiberaug/launchers.py). Hydra still matches
+# the two by name, and warns of that matching on every run, although the schemas are the same.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
 
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

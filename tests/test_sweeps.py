@@ -1,0 +1,153 @@
+"""Sweeps and resuming at every scale: Optuna studies, launchers, interrupted sweeps, ckpt_path=last, and the
+optimized_metric that train.py returns."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import PROBES, TINY, compose_config, run_script
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fiberaug.tasks import run_task
+from fiberaug.tasks.train import train
+
+# Two epochs of two steps, each validated: a checkpoint at step 2, the end at step 4.
+SHORT = [*TINY, "trainer.max_steps=4", "trainer.limit_train_batches=2"]
+
+
+def _kill(marker: Path, job: int) -> list[str]:
+    """Kill the sweep with SIGKILL at step 3 of job `job`, the first time only."""
+    return [
+        "+callbacks.kill._target_=probes.KillOnce", f"+callbacks.kill.marker={marker}", f"+callbacks.kill.job={job}",
+        "+callbacks.kill.step=3",
+    ]
+
+
+def _record(job_dir: Path) -> dict:
+    return json.loads((job_dir / "job.json").read_text())
+
+
+def _train_steps(events_file: Path) -> list[int]:
+    events = EventAccumulator(str(events_file), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars("loss/train")]
+
+
+def _global_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_an_interrupted_sweep_run_again_skips_its_finished_job_and_resumes_the_other(tmp_path):
+    command = ["-m", *SHORT, "seed=1,2", "optimized_metric=loss/val", *_kill(tmp_path / "killed", job=1)]
+    command.append(f"paths.log_dir={tmp_path}")  # no hydra.sweep.dir: the same command must find its sweep again
+    first = run_script("train.py", *command, env=PROBES)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    finished, killed = sweep / "0", sweep / "1"
+    assert _record(finished)["status"] == "finished" and _record(killed)["status"] == "running"
+    before = _record(finished), sorted((finished / "tensorboard").iterdir())
+
+    second = run_script("train.py", *command, env=PROBES)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert list((tmp_path / "train" / "multiruns").iterdir()) == [sweep]
+    assert (_record(finished), sorted((finished / "tensorboard").iterdir())) == before  # not trained again
+    record = _record(killed)
+    assert record["status"] == "finished" and record["resumed_from"] == str(killed / "checkpoints" / "last.ckpt")
+    assert _global_step(killed / "checkpoints" / "last.ckpt") == 4
+    first_events, resumed_events = sorted((killed / "tensorboard").glob("events.*"), key=os.path.getmtime)
+    # The killed run's last events may be lost with it; the resumed one goes on from the checkpoint at step 2.
+    resumed_steps = _train_steps(resumed_events)
+    assert _train_steps(first_events)[0] == 0 and len(resumed_steps) == 2 and min(resumed_steps) >= 2
+
+
+def test_an_optuna_study_runs_its_trials_and_an_interrupted_one_continues_from_its_storage(tmp_path):
+    sweep = tmp_path / "study"
+    command = [
+        "-m", "hparams_search=ddpm", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1", *SHORT,
+        *_kill(tmp_path / "killed", job=1), f"hydra.sweep.dir={sweep}",
+    ]
+    first = run_script("train.py", *command, env=PROBES)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    storage = f"sqlite:///{sweep}/optuna.db"
+    trials = optuna.load_study(study_name="ddpm", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"]
+
+    second = run_script("train.py", *command, env=PROBES)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="ddpm", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # the interrupted trial ran again, no new one
+    for trial in trials:
+        record = _record(sweep / str(trial.number))
+        assert f"model.lr={trial.params['model.lr']}" in record["overrides"] and record["value"] == trial.value
+    assert _record(sweep / "1")["resumed_from"] == str(sweep / "1" / "checkpoints" / "last.ckpt")
+    best = min(trials, key=lambda t: t.value)
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == best.value
+    assert f"Best value: {best.value}" in second.stdout + second.stderr
+
+
+def test_submitit_local_runs_each_job_of_a_sweep_in_its_own_process(tmp_path):
+    overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
+    result = run_script("train.py", "-m", "hydra/launcher=submitit_local", *overrides, "seed=1,2",
+                        f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each job's process finds the sweep's folder, named in the submitting process.
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    results = sorted((sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len({path.parent.name for path in results}) == 2  # two submitit jobs, each a process
+    returned = sorted(pickle.loads(path.read_bytes())[1].return_value for path in results)
+    assert returned == sorted(_record(sweep / job)["value"] for job in ("0", "1"))
+
+
+def test_ckpt_path_last_resumes_the_newest_run_with_the_same_overrides(tmp_path):
+    runs = tmp_path / "train" / "runs"
+    overrides = [*TINY, "trainer.max_steps=5"]
+    train(compose_config("train", [*TINY, "trainer.max_steps=3"], runs / "a"))
+    # Copies of its folder stand in for runs of `overrides` interrupted at step 3, and one of other overrides.
+    for name, extra, age in (("older", [], 200), ("newer", [], 100), ("other", ["seed=7"], 0)):
+        shutil.copytree(runs / "a", runs / name)
+        record = _record(runs / name) | {"overrides": sorted([*overrides, *extra])}
+        (runs / name / "job.json").write_text(json.dumps(record))
+        stamp = (runs / name / "checkpoints" / "last.ckpt").stat().st_mtime - age
+        os.utime(runs / name / "checkpoints" / "last.ckpt", (stamp, stamp))
+
+    cfg = compose_config("train", [*overrides, "ckpt_path=last"], runs / "resumed")
+    cfg.paths.log_dir = str(tmp_path)  # where ckpt_path=last looks: <log_dir>/train/runs/
+    train(cfg)
+    assert _record(runs / "resumed")["resumed_from"] == str(runs / "newer" / "checkpoints" / "last.ckpt")
+    (events,) = (runs / "resumed" / "tensorboard").glob("events.*")
+    assert _train_steps(events) == [3, 4] and _global_step(runs / "resumed" / "checkpoints" / "last.ckpt") == 5
+    cfg = compose_config("train", [*overrides, "seed=99", "ckpt_path=last"], runs / "none")
+    cfg.paths.log_dir = str(tmp_path)
+    with pytest.raises(SystemExit, match=f"ckpt_path=last: no run with the same overrides .* has {runs}/"):
+        run_task(train, cfg)
+
+
+def test_an_optimized_metric_nothing_logs_is_refused_before_training(tmp_path):
+    cfg = compose_config("train", [*TINY, "optimized_metric=val/nope"], tmp_path)
+    with pytest.raises(SystemExit, match="optimized_metric=val/nope is not logged by this run, which logs: "
+                                         "loss/train, loss/val"):
+        run_task(train, cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_optimized_metric_never_logged_fails_after_training(tmp_path):
+    cfg = compose_config("train", [*TINY, "trainer.max_steps=2", "optimized_metric=loss/val"], tmp_path)
+    with pytest.raises(SystemExit, match="optimized_metric=loss/val was never logged in this run"):
+        run_task(train, cfg)  # two steps of a five-step epoch: no validation
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and _record(tmp_path)["status"] == "running"
+
+
+def test_ddp_that_would_run_the_sweep_again_is_refused_in_a_sweep_job(tmp_path):
+    cfg = compose_config("train", [*TINY, "trainer=ddp_cpu", "hydra.mode=MULTIRUN"], tmp_path)
+    with pytest.raises(SystemExit, match="DDP inside a -m sweep: Lightning would start each further process by "
+                                         "running the whole sweep again"):
+        run_task(train, cfg)
