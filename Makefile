@@ -26,7 +26,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks train.py sample.py augment.py
+	$(BIN)/ruff check src tests benchmarks train.py sample.py augment.py evaluate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache src/*.egg-info

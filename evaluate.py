@@ -1,4 +1,4 @@
-"""Evaluate generated images: `python evaluate.py ckpt_path=PATH` or `real_dir=DIR fake_dir=DIR` (see conf/evaluate.yaml).
+"""Evaluate generated images: `python evaluate.py ckpt_path=PATH` or `real_dir=DIR fake_dir=DIR` (conf/evaluate.yaml).
 
 `task=utility` measures whether they help a small classifier trained on a few real images per class.
 """

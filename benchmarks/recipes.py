@@ -86,7 +86,8 @@ def main() -> None:
     else:
         every = math.gcd(*eval_at)  # a checkpoint at every step measured
         common = ["data.image_size=32", "data.val_fraction=0.2", "callbacks.model_checkpoint.monitor=null",
-                  "callbacks.model_checkpoint.save_top_k=-1", f"+callbacks.model_checkpoint.every_n_train_steps={every}",
+                  "callbacks.model_checkpoint.save_top_k=-1",
+                  f"+callbacks.model_checkpoint.every_n_train_steps={every}",
                   "callbacks.model_checkpoint.filename='step{step:07d}'"]
     out = Path(args.out) / args.model
     print(f"{args.model}: {steps} optimizer steps, seed {args.seed}, {args.samples} samples per measurement; "

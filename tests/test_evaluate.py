@@ -152,7 +152,7 @@ def test_sample_metrics_are_logged_at_every_validation_and_rank_the_checkpoints(
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     swd = {e.step + 1: e.value for e in events.Scalars("val/swd")}
-    assert sorted(swd) == [5, 10] and {"val/memorisation", "val/loss"} <= set(events.Tags()["scalars"])
+    assert sorted(swd) == [5, 10] and {"val/memorisation", "loss/val"} <= set(events.Tags()["scalars"])
     (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     (state,) = (v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))

@@ -40,6 +40,14 @@ class SampleMetrics(pl.Callback):
         self.sample_options = sample_options
         self._reference: dict[str, Any] | None = None
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What it logs, for `optimized_metric`: the mean of each measure (per-level and per-class values besides)."""
+        names = {"swd": ["swd"], "prdc": ["precision", "recall", "density", "coverage"], "fid": ["fid", "kid"],
+                 "memorisation": ["memorisation", "memorisation/median_ratio"],
+                 "class_consistency": ["class_consistency", "classifier_accuracy"]}
+        return tuple(f"val/{name}" for metric in self.metrics for name in names.get(metric, [metric]))
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._measure(trainer, pl_module)
