@@ -85,7 +85,9 @@ def main() -> None:
                   "callbacks.sample_grid.num_samples=36"]
     else:
         every = math.gcd(*eval_at)  # a checkpoint at every step measured
-        common = ["data.image_size=32", "data.val_fraction=0.2", "callbacks.model_checkpoint.monitor=null",
+        # The checkpoints are measured afterwards, so no sampling during training.
+        common = ["data.image_size=32", "data.val_fraction=0.2", "~callbacks.metrics",
+                  "callbacks.model_checkpoint.monitor=null",
                   "callbacks.model_checkpoint.save_top_k=-1",
                   f"+callbacks.model_checkpoint.every_n_train_steps={every}",
                   "callbacks.model_checkpoint.filename='step{step:07d}'"]
