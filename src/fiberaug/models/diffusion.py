@@ -72,6 +72,8 @@ class DiffusionModule(GenerativeModule):
         cond_drop_prob: float = 0.1,
         sampling: Mapping[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         pretrained: str | None = None,
         lora: Mapping[str, Any] | None = None,
         lora_on_random_base: bool = False,
@@ -80,7 +82,7 @@ class DiffusionModule(GenerativeModule):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
     ) -> None:
-        super().__init__(class_names)
+        super().__init__(class_names, channels_last=channels_last, compile=compile)
         self.save_hyperparameters(logger=False)
         self.noise_scheduler = noise_scheduler(schedule, num_train_timesteps, prediction_type=prediction_type)
         self.loss_weights = make_weighting(loss_weighting, min_snr_gamma)
@@ -143,6 +145,7 @@ class DiffusionModule(GenerativeModule):
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         images, labels = batch
+        images = self.memory_format(images)
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator,
@@ -158,7 +161,8 @@ class DiffusionModule(GenerativeModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("loss/train", loss, prog_bar=True, sync_dist=True)
+        # Not in the progress bar: Lightning reads progress-bar values after every batch, a host-device sync per step.
+        self.log("loss/train", loss, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -166,9 +170,13 @@ class DiffusionModule(GenerativeModule):
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         self.log("loss/val", self._loss(batch, generator), prog_bar=True, sync_dist=True)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.net]
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **self.fused())
         warmup = max(1, self.hparams.warmup_steps)
         scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

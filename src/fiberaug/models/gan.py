@@ -102,8 +102,10 @@ class GANModule(GenerativeModule):
         gradient_clip_val: float | None = None,
         gradient_checkpointing: bool = False,
         diffaugment: str | Sequence[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
-        super().__init__(class_names)
+        super().__init__(class_names, channels_last=channels_last, compile=compile)
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
         self.recipe = GANRecipe.from_config(loss)
@@ -122,6 +124,10 @@ class GANModule(GenerativeModule):
                 "mixes the samples of a batch, which breaks the per-sample gradient penalties; use "
                 "model.discriminator.norm=layer or none"
             )
+        if penalties and compile:
+            given = ", ".join(f"{k}={v}" for k, v in penalties.items())
+            raise UserError(f"model.compile=true cannot be used with loss={self.recipe.name} ({given}): torch.compile "
+                            "does not differentiate twice, which the penalties need; use loss=bce or loss=hinge")
         if gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
             self.discriminator.enable_gradient_checkpointing()
@@ -179,6 +185,7 @@ class GANModule(GenerativeModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         real, labels = batch
+        real = self.memory_format(real)
         labels = labels if self.num_classes else None
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
@@ -203,9 +210,12 @@ class GANModule(GenerativeModule):
         if clip := self.hparams.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
+    def networks(self) -> list[nn.Module]:
+        return [self.generator, self.discriminator]  # the order of the optimizers
+
     def configure_optimizers(self) -> tuple[list[Optimizer], list[LambdaLR]]:
         lr, betas, warmup = self.recipe.lr, self.recipe.betas, max(1, self.hparams.warmup_steps)
-        optimizers = [Adam(net.parameters(), lr=lr, betas=betas) for net in (self.generator, self.discriminator)]
+        optimizers = [Adam(net.parameters(), lr=lr, betas=betas, **self.fused()) for net in self.networks()]
         # Stepped by hand after each optimizer's own step: manual optimization leaves schedulers alone.
         return optimizers, [LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)) for opt in optimizers]
 

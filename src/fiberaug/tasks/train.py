@@ -175,6 +175,16 @@ def hyperparameters(cfg: DictConfig, model: pl.LightningModule, trainer: pl.Trai
     return params
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """torch's float32 matmul precision for the whole process (TF32 on tensor-core GPUs from `high`)."""
+    if precision not in MATMUL_PRECISIONS:
+        raise UserError(f"matmul_precision={precision!r} is not known; choose one of: {', '.join(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(precision)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the configured model; returns the value of `cfg.optimized_metric` for sweepers.
 
@@ -191,6 +201,7 @@ def train(cfg: DictConfig) -> float | None:
             return finished["value"]
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    set_matmul_precision(cfg.get("matmul_precision", "highest"))
     ckpt_path = resume or checkpoint_path(cfg, run)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)

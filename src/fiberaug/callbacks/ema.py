@@ -1,0 +1,41 @@
+"""An exponential moving average of the weights that never makes the CPU wait for the GPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import WeightAveraging
+
+
+class EMA(WeightAveraging):
+    """Lightning's `WeightAveraging` (checkpoints, resume, the average swapped in for validation), updated by
+    one queued `lerp` per step: average ← average + (1 − decay)·(weights − average).
+
+    torch's `AveragedModel.update_parameters` asks the device whether it has averaged yet (`n_averaged == 0`)
+    at every update, a host-device sync that stalls every training step on a GPU. Here the average starts as
+    the initial weights (Lightning copies the model when training starts) and only trainable weights move, so
+    frozen ones (a LoRA base) stay bit-identical; buffers are copied, so the average never swaps stale ones in.
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        super().__init__()
+        if not 0 <= decay < 1:
+            raise ValueError(f"callbacks.ema.decay={decay} must lie in [0, 1)")
+        self.decay = decay
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step <= self._latest_update_step:  # no optimizer step in this batch (accumulation)
+            return
+        average = self._average_model.module
+        pairs = [(a, p) for a, p in zip(average.parameters(), pl_module.parameters(), strict=True) if p.requires_grad]
+        with torch.no_grad():
+            if pairs:
+                torch._foreach_lerp_([a for a, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
+            buffers = list(zip(average.buffers(), pl_module.buffers(), strict=True))
+            if buffers:
+                torch._foreach_copy_([a for a, _ in buffers], [b for _, b in buffers])
+        self._latest_update_step = trainer.global_step
