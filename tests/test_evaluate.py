@@ -185,3 +185,11 @@ def test_utility_refuses_held_out_images_the_generator_was_trained_on(trained_ru
     with pytest.raises(SystemExit, match=r"\d+ of the 90 held-out images trained ckpt_path="):
         run_task(evaluate, cfg)
     assert not (tmp_path / "utility.json").exists()
+
+
+def test_sample_metrics_follow_every_n_epochs_unless_they_rank_the_checkpoints(tmp_path):
+    train(compose_config("train", [*TINY, "callbacks.metrics.every_n_epochs=2"], tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step + 1 for e in events.Scalars("val/swd")] == [10]  # epoch 2 of 2; not epoch 1's validation
+    assert [e.step + 1 for e in events.Scalars("loss/val")] == [5, 10]

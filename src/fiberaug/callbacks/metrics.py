@@ -16,8 +16,9 @@ class SampleMetrics(pl.Callback):
     validation images (the training images for a model without a validation split); memorisation is always
     measured against the training images.
 
-    A model with a validation loop is measured at the end of every validation, so `val/swd` can rank the
-    checkpoints that validation writes; a GAN, which has none, after the last batch of every
+    A model with a validation loop is measured at the end of the validations of every `every_n_epochs`-th
+    epoch, and of every validation when the checkpoints are ranked by one of its metrics
+    (`callbacks.model_checkpoint.monitor=val/swd`); a GAN, which has none, after the last batch of every
     `every_n_epochs`-th epoch, just before the checkpoint callback makes that epoch's saves. The weights
     measured are the ones checkpoints hold (the EMA average when there is one). Rank 0 measures and the
     others receive its values, so every process logs and ranks alike.
@@ -26,7 +27,7 @@ class SampleMetrics(pl.Callback):
     def __init__(
         self,
         metrics: Sequence[str] = CHEAP,
-        num_samples: int = 256,
+        num_samples: int = 128,
         every_n_epochs: int = 10,
         seed: int = 0,
         max_reference: int = 2000,
@@ -49,7 +50,7 @@ class SampleMetrics(pl.Callback):
         return tuple(f"val/{name}" for metric in self.metrics for name in names.get(metric, [metric]))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and self._due(trainer):
             self._measure(trainer, pl_module)
 
     def on_train_batch_end(
@@ -57,8 +58,13 @@ class SampleMetrics(pl.Callback):
     ) -> None:
         # After the epoch's last batch, where the checkpoint callback makes its epoch-end saves without validation.
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not validates(trainer, pl_module):
+        if last and self._due(trainer) and not validates(trainer, pl_module):
             self._measure(trainer, pl_module)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        """Every `every_n_epochs` epochs; at every validation when the checkpoints are ranked by one of its metrics."""
+        ranked = getattr(trainer.checkpoint_callback, "monitor", None) in self.metric_names
+        return ranked or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = None
