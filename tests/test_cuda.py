@@ -85,3 +85,36 @@ def test_samples_on_the_gpu_match_the_cpu(trained_run):
     cpu = model.sample(4, seed=3, steps=4)
     gpu = model.to("cuda").sample(4, seed=3, steps=4)
     assert gpu.device.type == "cpu" and torch.allclose(cpu, gpu, atol=2e-2)
+
+
+def test_adam_and_adamw_are_fused_on_cuda(tmp_path):
+    from fiberaug.models.diffusion import DiffusionModule
+
+    model = DiffusionModule(denoiser={"_target_": "fiberaug.nets.ContextUNet", "base_channels": 8},
+                            image_size=8, channels=1).cuda()
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True
+
+
+def test_a_training_step_that_does_not_log_never_waits_for_the_gpu(tmp_path):
+    """torch raises on any host-device synchronisation inside the steps between two logging steps."""
+    import pytorch_lightning as pl
+
+    import fiberaug.tasks.train as train_task
+
+    class Strict(pl.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            quiet = (trainer.global_step + 1) % trainer.log_every_n_steps and trainer.global_step > 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_batch_end(self, *args) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    instantiate = train_task.instantiate
+    try:
+        train_task.instantiate = lambda cfg, *a, **k: instantiate(
+            cfg, *a, **({**k, "callbacks": [Strict(), *k["callbacks"]]} if "callbacks" in k else k))
+        train(compose_config("train", [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=4"], tmp_path))
+    finally:
+        train_task.instantiate = instantiate
+        torch.cuda.set_sync_debug_mode("default")
