@@ -113,7 +113,7 @@ def test_a_training_step_that_does_not_log_never_waits_for_the_gpu(tmp_path):
     instantiate = train_task.instantiate
     try:
         train_task.instantiate = lambda cfg, *a, **k: instantiate(
-            cfg, *a, **({**k, "callbacks": [Strict(), *k["callbacks"]]} if "callbacks" in k else k))
+            cfg, *a, **({**k, "callbacks": [*k["callbacks"], Strict()]} if "callbacks" in k else k))
         train(compose_config("train", [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=4"], tmp_path))
     finally:
         train_task.instantiate = instantiate
