@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +11,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from fiberaug.callbacks.common import evaluation_model
 from fiberaug.imaging import make_grid, save_png, to_uint8
 
-log = logging.getLogger(__name__)
-
 
 class SampleGrid(pl.Callback):
     """Every `every_n_epochs` epochs and when training ends, sample `num_samples` images from seed `seed`.
 
     The seeds stay fixed, so successive grids show how the same starting noise develops. A
     class-conditional model gets one column per class. When a weight-averaging (EMA) callback is
-    present, its averaged weights generate, as they are what the checkpoints hold. A run that ends inside
-    its first epoch (a smoke test) draws no final grid: on a CPU a large model's grid can take minutes, far
-    longer than such a run trains.
+    present, its averaged weights generate, as they are what the checkpoints hold.
     """
 
     def __init__(
@@ -34,18 +29,12 @@ class SampleGrid(pl.Callback):
         self.seed = seed
         self.sample_options = sample_options
         self._last_step = -1
-        self._completed_an_epoch = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        complete = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
-        self._completed_an_epoch |= complete
-        if complete and self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._log(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._completed_an_epoch:
-            log.info("no final sample grid: the run ended inside its first epoch (sample.py ckpt_path=… draws one)")
-            return
         self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
