@@ -123,6 +123,16 @@ def test_gradient_checkpointing_trains(tmp_path):
     assert _global_step(tmp_path / "checkpoints" / "last.ckpt") == 3
 
 
+def test_a_run_ending_inside_its_first_epoch_draws_no_sample_grid(tmp_path, caplog):
+    """A smoke test of a large model must not spend minutes sampling; a run past its first epoch still draws."""
+    with caplog.at_level(logging.INFO):
+        train(compose_config("train", [*TINY, "trainer.max_steps=3"], tmp_path / "short"))
+    assert not list((tmp_path / "short" / "samples").glob("*.png")) and "no final sample grid" in caplog.text
+    train(compose_config("train", [*TINY, "trainer.max_steps=7", "callbacks.sample_grid.every_n_epochs=5"],
+                         tmp_path / "longer"))
+    assert [p.name for p in (tmp_path / "longer" / "samples").glob("*.png")] == ["epoch0001-step0000007.png"]
+
+
 def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
     """A run's HPARAMS row as TensorBoard reads it: its parameters, its end status, and its hparams summary tags."""
     events = EventAccumulator(str(run_dir / "tensorboard"))
