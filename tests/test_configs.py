@@ -37,6 +37,7 @@ NEEDS = {
     "model=diffusers_lora": ["model.lora_on_random_base=true"],
     "experiment=fibres64_ddpm": ["data.root=unused"],
     "experiment=fibres128_ddpm": ["data.root=unused"],
+    "experiment=fibres64_gan": ["data.root=unused"],
     "experiment=fibres128_gan": ["data.root=unused"],
     "experiment=fibres128_unet": ["data.root=unused"],
     "experiment=fibres128_lora": ["data.root=unused", "model.lora_on_random_base=true"],
