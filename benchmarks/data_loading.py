@@ -5,7 +5,7 @@
 
 Makes a temporary folder of synthetic phone photos (smooth colour fields, hard-edged panels, cables and sensor
 noise: about 4 MB each, every one different), then measures, side by side in this one run, at the setting of
-`experiment=unet128_pretrain` (128x128 crops at crop_scale 0.5, so a working short side of 256; augment=geometric;
+`experiment=fibres128_unet` (128x128 crops at crop_scale 0.5, so a working short side of 256; augment=geometric;
 batch 16), all photos training, with the DataLoader workers of conf/data/folder.yaml (`data.num_workers`):
 
 - naive full decode: what a plain PyTorch loader does for every sample of every epoch: `PIL.Image.open().convert()`
@@ -169,7 +169,7 @@ def main() -> None:
         photos.mkdir()
         paths = make_photos(photos, args.photos)
         made_s, mean_mb = time.perf_counter() - start, np.mean([p.stat().st_size for p in paths]) / 1e6
-        overrides = ["experiment=unet128_pretrain", f"data.root={photos}", f"data.num_workers={workers}",
+        overrides = ["experiment=fibres128_unet", f"data.root={photos}", f"data.num_workers={workers}",
                      "data.val_fraction=0", f"data.cache_dir={Path(tmp) / 'cache'}"]
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("train", overrides)
@@ -192,7 +192,7 @@ def main() -> None:
     print(f"usable CPU cores: {cores} (os.sched_getaffinity; the machine may be shared); "
           f"data.num_workers={workers} (conf/data/folder.yaml); CUDA: {torch.cuda.is_available()}")
     print(f"{args.photos} synthetic {WIDTH}x{HEIGHT} JPEGs, {mean_mb:.1f} MB each on average (made in {made_s:.0f} s); "
-          f"experiment=unet128_pretrain: {cfg.data.image_size}x{cfg.data.image_size} crops at crop_scale "
+          f"experiment=fibres128_unet: {cfg.data.image_size}x{cfg.data.image_size} crops at crop_scale "
           f"{cfg.data.crop_scale} (working short side {side}), augment=geometric, batch {cfg.data.batch_size}")
     print(f"one photo on one core: full decode {full_ms:.0f} ms, reduced-scale (draft) decode {draft_ms:.0f} ms")
     print(f"cache: {cold['memory_mib']:.0f} MiB in memory, {disk_mib:.0f} MiB on disk; setup {cold['setup_s']:.1f} s "
