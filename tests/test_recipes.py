@@ -478,9 +478,10 @@ def test_bad_diffusion_options_are_one_line_errors(tmp_path, override, message):
         run_task(train, compose_config("train", overrides, tmp_path))
 
 
-def test_every_new_option_defaults_to_the_previous_behaviour():
+def test_defaults_are_what_measured_best_and_the_gan_options_default_off():
     ddpm, gan = compose_config("train", []).model, compose_config("train", ["model=gan"])
-    assert (ddpm.prediction_type, ddpm.loss_weighting, ddpm.min_snr_gamma) == ("epsilon", "none", 5.0)
+    assert (ddpm.prediction_type, ddpm.loss_weighting, ddpm.min_snr_gamma) == ("v_prediction", "none", 5.0)
+    assert compose_config("train", ["model=diffusers"]).model.prediction_type == "v_prediction"
     assert gan.model.diffaugment is None and gan.model.discriminator.spectral_norm is False
     for loss in ("bce", "hinge"):
         assert compose_config("train", ["model=gan", f"loss={loss}"]).loss.r1_gamma == 0
