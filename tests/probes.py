@@ -3,14 +3,19 @@ PYTHONPATH): they record what each DDP rank did, or stop a run the way a crash w
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from PIL import Image
 from pytorch_lightning.callbacks import WeightAveraging
 
 from fiberaug.models.base import GenerativeModule
@@ -66,3 +71,30 @@ class KillOnce(pl.Callback):
         if trainer.global_step == self.step and HydraConfig.get().job.num == self.job and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TamperWithData(pl.Callback):
+    """As a user tidying a data set during a long run: after training step `step`, removes the first training image
+    and rewrites the second with other content; `note` (JSON) records both files and the second's new bytes' hash."""
+
+    def __init__(self, note: str, step: int) -> None:
+        self.note, self.step = Path(note), step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        removed, replaced = trainer.datamodule.train_set.items[:2]
+        removed.unlink()
+        replaced.write_bytes(_other_png(replaced))
+        self.note.write_text(json.dumps({"removed": str(removed), "replaced": str(replaced),
+                                         "new": hashlib.sha256(replaced.read_bytes()).hexdigest()}))
+
+
+def _other_png(path: Path) -> bytes:
+    """A PNG of another content than `path`'s, of the same size and mode."""
+    with Image.open(path) as im:
+        array = 255 - np.asarray(im.convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,26 @@ def test_checkpoints_record_the_content_of_every_training_and_validation_image(t
     files = {hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.suffix in (".png", ".jpg",
                                                                                                  ".tif")}
     assert set(record["train"]) | set(record["val"]) == files
+
+
+def test_a_photo_removed_or_replaced_during_a_run_loses_no_checkpoint(image_folder, tmp_path, caplog):
+    """The record holds what was trained on: the removed file's content as it was read, and both contents of the
+    replaced one (each may have been drawn), with a warning naming what went missing. The files change after the
+    first checkpoint (step 5), so the last one must record them afresh."""
+    root = image_folder(broken=False)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.suffix in (".png", ".jpg",
+                                                                                                      ".tif")}
+    overrides = [*TINY, "data=folder", f"data.root={root}", "data.image_size=8", "data.channels=3",
+                 "+callbacks.tamper._target_=probes.TamperWithData", f"+callbacks.tamper.note={tmp_path / 'note.json'}",
+                 "+callbacks.tamper.step=6"]
+    with caplog.at_level(logging.WARNING):
+        train(compose_config("train", overrides, tmp_path / "run"))
+    note = json.loads((tmp_path / "note.json").read_text())
+    removed, replaced = Path(note["removed"]), Path(note["replaced"])
+    record = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["fiberaug"]["data"]
+    assert record["gone"] == [str(removed)] and str(removed) in caplog.text and "went missing" in caplog.text
+    assert set(record["train"]) | set(record["val"]) == set(before.values()) | {note["new"]}
+    assert before[removed] in record["train"] and {before[replaced], note["new"]} <= set(record["train"])
 
 
 # --- during training ---

@@ -18,7 +18,8 @@ atomically, so runs and workers that write the same entry at once each leave a c
 Never stale: a changed file has another content hash, hence another entry, and a removed one is no longer
 listed. Within a run, every read compares the file's inode, size, mtime and ctime with those it had when it
 was hashed, and hashes it again when they differ (a removed file raises, and is skipped like any unreadable
-one). The hash and the decode are made from the same bytes. Each entry ends with a CRC-32 of its content: an
+one). Every content hash a file had in this process is kept (`versions`), so a checkpoint can record what was
+trained on even after the file changed or went away. The hash and the decode are made from the same bytes. Each entry ends with a CRC-32 of its content: an
 entry that does not check out, or holds an image of the wrong shape, is decoded again and rewritten.
 """
 
@@ -126,6 +127,7 @@ class ImageCache:
         self.folder = folder
         self._arena = _Arena(memory_bytes)
         self._files: dict[Path, _File] = {}
+        self._versions: dict[Path, list[str]] = {}  # every content hash seen per file, oldest first
         self._recipe = (
             f"fiberaug-decoded v{FORMAT_VERSION}; alpha onto black; short side {side}; JPEG draft mode;"
             " SmallestMaxSize, area down;"
@@ -163,6 +165,18 @@ class ImageCache:
             file, _ = self._refresh(path, file)
         return file.sha256
 
+    def versions(self, path: Path) -> tuple[list[str], bool]:
+        """The SHA-256 of every content this process saw the file hold, oldest first, and whether it is still there.
+
+        A file changed since is hashed again (its new content is what later draws decode); a removed or unreadable
+        one keeps the hashes it had, so a checkpoint still records what the model was trained on.
+        """
+        try:
+            self.content_hash(path)
+        except OSError:
+            return list(self._versions.get(path, ())), False
+        return list(self._versions[path]), True
+
     def build(self, paths: Sequence[Path]) -> None:
         """Hash every file and bring its decoded image into the cache: from disk if there, else decoded now.
 
@@ -191,7 +205,7 @@ class ImageCache:
                     continue
                 if array is not None and file.key not in slots:
                     slots[file.key] = self._arena.add(array)
-                self._files[path] = replace(file, slot=slots.get(file.key))
+                self._remember(path, replace(file, slot=slots.get(file.key)))
                 if how != "failed":
                     counts["memory" if self._files[path].slot else "not in memory"] += 1
         log.info(
@@ -235,8 +249,14 @@ class ImageCache:
         file, data = self._examine(path)
         if old is not None and old.key == file.key:
             file = replace(file, slot=old.slot)
-        self._files[path] = file
+        self._remember(path, file)
         return file, data
+
+    def _remember(self, path: Path, file: _File) -> None:
+        self._files[path] = file
+        seen = self._versions.setdefault(path, [])
+        if file.sha256 not in seen:
+            seen.append(file.sha256)
 
     def _examine(self, path: Path) -> tuple[_File, bytes]:
         state = file_state(path)

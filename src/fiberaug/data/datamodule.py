@@ -80,7 +80,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.train_set: AugmentedImages | None = None
         self.val_set: AugmentedImages | None = None
-        self._record: dict[str, Any] | None = None
+        self._gone: set[str] = set()  # files already reported missing
 
     @property
     def num_classes(self) -> int:
@@ -109,21 +109,40 @@ class ImageDataModule(pl.LightningDataModule):
         images = torch.stack([dataset[i][0] for i in range(n)]) if n else torch.empty(0)
         return images, labels
 
-    def record(self) -> dict[str, Any]:
-        """What a checkpoint keeps of its data: the DataModule and the content hash of every image of each split.
+    def item_versions(self, item: Any) -> tuple[list[str], bool]:
+        """Every content hash the item had while this run read it, and whether it can still be read.
 
-        The hashes name the images whatever folder they lie in later, so a task can refuse to test on
-        images the generator was trained on. Computed once, at the first checkpoint.
+        In-memory arrays never change; files do (see `FolderDataModule`).
         """
-        if self._record is None:
-            cls = type(self)
-            self._record = {
-                "datamodule": f"{cls.__module__}.{cls.__qualname__}",
-                "class_names": self.class_names,
-                "train": [self.item_id(item) for item in self.train_set.items],
-                "val": [self.item_id(item) for item in self.val_set.items],
-            }
-        return self._record
+        return [self.item_id(item)], True
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of its data: the DataModule and the content hashes of each split's images.
+
+        The hashes name the images whatever folder they lie in later, so a task can refuse to test on images
+        the generator was trained on. A file changed during the run is recorded with every content it had (each
+        may have been trained on); one removed keeps the hash it had when it was last read, and is named in
+        `gone` and in a warning. Taken again at every checkpoint: a file is hashed again only when it changed.
+        """
+        record: dict[str, Any] = {
+            "datamodule": f"{type(self).__module__}.{type(self).__qualname__}",
+            "class_names": self.class_names,
+            "gone": [],
+        }
+        for split, subset in (("train", self.train_set), ("val", self.val_set)):
+            record[split] = []
+            for item in subset.items:
+                versions, present = self.item_versions(item)
+                record[split].extend(versions)
+                if not present:
+                    record["gone"].append(str(item))
+        newly_gone = sorted(set(record["gone"]) - self._gone)
+        if newly_gone:
+            shown = ", ".join(newly_gone[:5]) + (f" and {len(newly_gone) - 5} more" if len(newly_gone) > 5 else "")
+            log.warning("%d image(s) went missing during the run; the checkpoint records the content each had when "
+                        "last read: %s", len(newly_gone), shown)
+            self._gone |= set(newly_gone)
+        return record
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -238,6 +257,9 @@ class FolderDataModule(ImageDataModule):
 
     def item_id(self, item: Path) -> str:
         return self.images.content_hash(item)  # hashed once, when the cache is built, unless the file changed
+
+    def item_versions(self, item: Path) -> tuple[list[str], bool]:
+        return self.images.versions(item)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
