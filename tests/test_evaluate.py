@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ import torch
 from conftest import TINY, compose_config, run_script, save
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_gan import GAN_TINY
 from test_metrics import TinyInception
 
+from fiberaug.callbacks import SampleMetrics
+from fiberaug.data import DigitsDataModule
 from fiberaug.tasks import run_task
 from fiberaug.tasks.evaluate import evaluate
 from fiberaug.tasks.train import train
@@ -208,9 +212,43 @@ def test_utility_refuses_held_out_images_the_generator_was_trained_on(trained_ru
     assert not (tmp_path / "utility.json").exists()
 
 
-def test_sample_metrics_follow_every_n_epochs_unless_they_rank_the_checkpoints(tmp_path):
-    train(compose_config("train", [*TINY, "callbacks.metrics.every_n_epochs=2"], tmp_path))
+@pytest.mark.parametrize("monitor", ["loss/val", "val/swd"])
+def test_sample_metrics_follow_every_n_epochs_also_when_they_rank_the_checkpoints(tmp_path, monitor):
+    """Two epochs, each validated: the metrics only at the second, and a val/swd ranking saves only there."""
+    overrides = [*TINY, "callbacks.metrics.every_n_epochs=2", f"callbacks.model_checkpoint.monitor={monitor}"]
+    train(compose_config("train", overrides, tmp_path))
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step + 1 for e in events.Scalars("val/swd")] == [10]  # epoch 2 of 2; not epoch 1's validation
     assert [e.step + 1 for e in events.Scalars("loss/val")] == [5, 10]
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10 if monitor == "val/swd" else ckpt["global_step"] in (5, 10)
+
+
+def test_a_gan_measures_its_sample_metrics_every_n_epochs_and_ranks_its_checkpoints_there(tmp_path):
+    """A GAN has no validation: its metrics come after the last batch of every second epoch (10 optimizer steps
+    an epoch), not after every epoch, and its best checkpoint is one of those."""
+    train(compose_config("train", [*GAN_TINY, "callbacks.metrics.every_n_epochs=2", "trainer.max_steps=40"], tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    swd = {e.step: e.value for e in events.Scalars("val/swd")}
+    assert sorted(swd) == [20, 40]
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == min(swd, key=swd.get)
+
+
+def test_sample_metrics_measure_memorisation_against_the_training_images(tmp_path):
+    """A "model" whose samples are training images copies all of them; against the validation images (other
+    digits) none would look copied."""
+    data = DigitsDataModule(image_size=8, channels=1, val_fraction=0.2)
+    data.setup("fit")
+    copies, _ = data.reference_images("train", 32)
+    logged = {}
+    model = SimpleNamespace(sample=lambda n, **_: copies[:n], label_indices=lambda *_: None, class_names=[],
+                            log_dict=lambda values, **_: logged.update(values))
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=data, callbacks=[], global_step=7,
+                              strategy=SimpleNamespace(broadcast=lambda values, src: values))
+    metrics = SampleMetrics(metrics=["memorisation"], num_samples=32, max_reference=200)
+    metrics._measure(trainer, model)
+    assert logged["val/memorisation"] == 1.0 and metrics.measured_step == 7

@@ -24,7 +24,17 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     In a run without a validation loop (a GAN) the epoch-end saves are made after the epoch's last
     batch instead of in `on_train_epoch_end`: Lightning resumes a checkpoint written there one batch
     into the finished epoch when no validation has run, which breaks an exact resume.
+
+    A monitor that a callback measures on its own schedule (`SampleMetrics`' `val/swd`, every
+    `every_n_epochs` epochs) ranks only the saves at the step it was measured: at other validations its
+    value is an earlier step's (or absent, which Lightning would refuse), so no top-k save is made there.
     """
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        source = next((c for c in trainer.callbacks if self.monitor in getattr(c, "metric_names", ())), None)
+        if getattr(source, "measured_step", trainer.global_step) != trainer.global_step:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

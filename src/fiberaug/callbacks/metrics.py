@@ -16,11 +16,11 @@ class SampleMetrics(pl.Callback):
     validation images (the training images for a model without a validation split); memorisation is always
     measured against the training images.
 
-    A model with a validation loop is measured at the end of the validations of every `every_n_epochs`-th
-    epoch, and of every validation when the checkpoints are ranked by one of its metrics
-    (`callbacks.model_checkpoint.monitor=val/swd`); a GAN, which has none, after the last batch of every
-    `every_n_epochs`-th epoch, just before the checkpoint callback makes that epoch's saves. The weights
-    measured are the ones checkpoints hold (the EMA average when there is one). Rank 0 measures and the
+    Measured every `every_n_epochs`-th epoch, whether or not its metrics rank the checkpoints: a model with a
+    validation loop at the end of that epoch's validation (none when the epoch does not validate); a GAN, which
+    has none, after the epoch's last batch, just before the checkpoint callback makes that epoch's saves.
+    `measured_step` says when, so that `ModelCheckpoint` ranks by these metrics only where they are fresh. The
+    weights measured are the ones checkpoints hold (the EMA average when there is one). Rank 0 measures and the
     others receive its values, so every process logs and ranks alike.
     """
 
@@ -40,6 +40,7 @@ class SampleMetrics(pl.Callback):
         self.max_reference = max_reference
         self.sample_options = sample_options
         self._reference: dict[str, Any] | None = None
+        self.measured_step: int | None = None  # the global step of the last measurement
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -62,9 +63,7 @@ class SampleMetrics(pl.Callback):
             self._measure(trainer, pl_module)
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        """Every `every_n_epochs` epochs; at every validation when the checkpoints are ranked by one of its metrics."""
-        ranked = getattr(trainer.checkpoint_callback, "monitor", None) in self.metric_names
-        return ranked or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = None
@@ -79,6 +78,7 @@ class SampleMetrics(pl.Callback):
                 metrics=self.metrics, seed=self.seed, sheet_rows=0,
             ).values
         values = trainer.strategy.broadcast(values, src=0)
+        self.measured_step = trainer.global_step
         pl_module.log_dict({f"val/{name}": value for name, value in values.items()}, sync_dist=False)
 
     def _reference_images(self, trainer: pl.Trainer) -> dict[str, Any]:
