@@ -19,6 +19,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# A limit for subprocesses that only stops a hung one: far above any normal time, however busy the machine.
+HANG_GUARD = 1800
+
 # tests/probes.py's callbacks, for runs of the real scripts: +callbacks.NAME._target_=probes.X
 PROBES = {"PYTHONPATH": str(Path(__file__).resolve().parent)}
 
@@ -54,7 +57,8 @@ def run_script(
     """Run a top-level script in a fresh interpreter, as a user would (with `env` added to the environment)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=HANG_GUARD,
     )
 
 

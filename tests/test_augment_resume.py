@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, augment_config, save
+from conftest import HANG_GUARD, ROOT, augment_config, save
 
 from fiberaug.files import locked_folder
 from fiberaug.tasks import run_task
@@ -64,7 +64,7 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path, monkeypatch):
     run.wait()
     assert 6 <= manifest.read_bytes().count(b"\n") < 48, "the run was not killed part-way"
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already done" in rerun.stdout
 

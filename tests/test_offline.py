@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import ROOT, TINY, save
+from conftest import HANG_GUARD, ROOT, TINY, save
 
 # Loaded by every Python process started with this folder on PYTHONPATH (workers included): it records each
 # attempt to resolve a host name or to open an internet socket, and refuses it.
@@ -37,7 +37,7 @@ def _run(tmp_path: Path, script: str, *overrides: str) -> tuple[subprocess.Compl
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     env |= {"PYTHONPATH": os.pathsep.join([str(guard), env.get("PYTHONPATH", "")]), "NETWORK_LOG": str(log)}
     result = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_GUARD)
     return result, log.read_text() if log.exists() else ""
 
 

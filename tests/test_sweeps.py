@@ -8,15 +8,18 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from conftest import PROBES, TINY, compose_config, run_script
+from conftest import HANG_GUARD, PROBES, TINY, compose_config, run_script
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fiberaug.runs import Run
 from fiberaug.tasks import run_task
 from fiberaug.tasks.train import train
 
@@ -151,3 +154,91 @@ def test_ddp_that_would_run_the_sweep_again_is_refused_in_a_sweep_job(tmp_path):
     with pytest.raises(SystemExit, match="DDP inside a -m sweep: Lightning would start each further process by "
                                          "running the whole sweep again"):
         run_task(train, cfg)
+
+
+# A sweep app as small as a Hydra app gets, with FiberAug's own job records: it refuses a folder holding another
+# job (Run.sweep_state), and a job it finds finished returns that result, as train.py does.
+_APP = '''
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from fiberaug.runs import Run, identifying
+from fiberaug.runs import Run
+from fiberaug.tasks import run_task
+
+
+def job(cfg):
+    run = Run(Path(HydraConfig.get().runtime.output_dir), identifying(HydraConfig.get().overrides.task))
+    finished, _ = run.sweep_state()
+    if finished is None:
+        run.write("finished", metric="x", value=(cfg.x - 0.3) ** 2, job=HydraConfig.get().job.num)
+    return run.record()["value"]
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="app")
+def main(cfg):
+    return run_task(job, cfg)
+
+
+if __name__ == "__main__":
+    main()
+'''
+_APP_CONFIG = """
+defaults:
+  - override hydra/sweeper: resumable_optuna
+x: 0.0
+hydra:
+  sweeper:
+    storage: sqlite:///${hydra.sweep.dir}/optuna.db
+    study_name: toy
+    direction: minimize
+    n_jobs: 2
+    sampler:
+      seed: 1
+    params:
+      x: interval(0, 1)
+"""
+
+
+def _study_with(sweep: Path, states: list[str]) -> optuna.Study:
+    """A study whose trials stand in for those of an earlier, interrupted run of the app, each with its job folder
+    (numbered by the trial) as that run left it: finished, or running for a trial killed before it ended."""
+    sweep.mkdir(parents=True)
+    study = optuna.create_study(study_name="toy", storage=f"sqlite:///{sweep}/optuna.db")
+    for state in states:
+        trial = study.ask()
+        x = trial.suggest_float("x", 0, 1)
+        if state == "COMPLETE":
+            study.tell(trial, (x - 0.3) ** 2)
+        job = Run(sweep / str(trial.number), [f"x={x}"])
+        job.dir.mkdir()
+        job.write("finished" if state == "COMPLETE" else "running", metric="x", value=(x - 0.3) ** 2)
+    return study
+
+
+def _run_app(tmp_path: Path, sweep: Path, n_trials: int) -> subprocess.CompletedProcess:
+    (tmp_path / "app.py").write_text(_APP)
+    (tmp_path / "app.yaml").write_text(_APP_CONFIG)
+    return subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", f"hydra.sweep.dir={sweep}",
+                           f"hydra.sweeper.n_trials={n_trials}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=HANG_GUARD)
+
+
+@pytest.mark.parametrize(("states", "n_trials"), [
+    (["COMPLETE", "RUNNING", "COMPLETE"], 4),  # a parallel batch of 1 and 2 interrupted: 2 ended, 1 was killed
+    (["COMPLETE", "COMPLETE"], 3),             # a finished study extended by a trial
+])
+def test_a_resumed_optuna_sweep_runs_each_trial_in_its_own_job_folder(tmp_path, states, n_trials):
+    sweep = tmp_path / "sweep"
+    _study_with(sweep, states)
+    earlier = {job.name: (job / "job.json").read_text() for job in sweep.iterdir() if job.is_dir()
+               and _record(job)["status"] == "finished"}
+    result = _run_app(tmp_path, sweep, n_trials)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = optuna.load_study(study_name="toy", storage=f"sqlite:///{sweep}/optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * n_trials
+    for trial in trials:  # every trial's job folder is numbered by the trial and records its parameters
+        assert _record(sweep / str(trial.number))["overrides"] == [f"x={trial.params['x']}"]
+    assert {job: (sweep / job / "job.json").read_text() for job in earlier} == earlier  # finished jobs untouched

@@ -19,8 +19,9 @@ Never stale: a changed file has another content hash, hence another entry, and a
 listed. Within a run, every read compares the file's inode, size, mtime and ctime with those it had when it
 was hashed, and hashes it again when they differ (a removed file raises, and is skipped like any unreadable
 one). Every content hash a file had in this process is kept (`versions`), so a checkpoint can record what was
-trained on even after the file changed or went away. The hash and the decode are made from the same bytes. Each entry ends with a CRC-32 of its content: an
-entry that does not check out, or holds an image of the wrong shape, is decoded again and rewritten.
+trained on even after the file changed or went away. The hash and the decode are made from the same bytes.
+Each entry ends with a CRC-32 of its content: an entry that does not check out, or holds an image of the wrong
+shape, is decoded again and rewritten.
 """
 
 from __future__ import annotations
