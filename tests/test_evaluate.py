@@ -3,6 +3,7 @@ metrics during training."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from fiberaug.callbacks import SampleMetrics
 from fiberaug.data import DigitsDataModule
 from fiberaug.tasks import run_task
 from fiberaug.tasks.evaluate import evaluate
+from fiberaug.tasks.inputs import read_folder, stratified_subset
 from fiberaug.tasks.train import train
 
 
@@ -110,13 +112,56 @@ def test_fid_and_kid_come_from_a_local_inception_file(tmp_path):
         (["fake_dir=FAKE", "real_dir=/no/such/dir"], "real_dir=/no/such/dir is not a folder"),
         (["fake_dir=FAKE", "real_dir=FAKE", "metrics=[sharpness]"], "'sharpness' not known"),
         (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt does not exist"),
+        (["fake_dir=EMPTY", "real_dir=FAKE"], "fake_dir=EMPTY holds no images"),
+        (["fake_dir=BROKEN", "real_dir=FAKE"], "fake_dir=BROKEN: none of its 1 image files could be read"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, overrides, message):
     _, fake, _ = _digit_folders(tmp_path)
-    overrides = [o.replace("FAKE", str(fake)) for o in overrides]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "00000.png").write_bytes(b"not a png")
+    folders = {"FAKE": fake, "EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken"}
+    overrides = [functools.reduce(lambda o, k: o.replace(k, str(folders[k])), folders, o) for o in overrides]
+    message = functools.reduce(lambda m, k: m.replace(k, str(folders[k])), folders, message)
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("[", r"\[")):
         run_task(evaluate, compose_config("evaluate", [f"output_dir={tmp_path / 'out'}", *overrides]))
+
+
+def test_max_images_takes_a_seeded_random_subset_with_every_class(tmp_path):
+    """Three class folders of four images: 8 of them keep all three classes (3, 3, 2), drawn by the seed."""
+    for c, name in enumerate(("a", "b", "c")):
+        for i in range(4):
+            save(tmp_path / "real" / name / f"{i}.png", np.full((8, 8), 60 * c + 10 * i, np.uint8))
+    first = read_folder(tmp_path / "real", 8, limit=8, seed=0)
+    assert first.class_names == ["a", "b", "c"] and first.available == 12
+    assert sorted(np.bincount(first.labels).tolist()) == [2, 3, 3]
+    again, other = (read_folder(tmp_path / "real", 8, limit=8, seed=seed) for seed in (0, 3))
+    assert torch.equal(first.images, again.images) and not torch.equal(first.images, other.images)
+    skewed = stratified_subset([0] * 9 + [1], 5, seed=0)
+    assert len(skewed) == 5 and 9 in skewed  # the small class keeps its one image
+
+
+def test_evaluate_says_how_many_images_it_used(tmp_path, capsys):
+    real, fake, _ = _digit_folders(tmp_path)
+    summary = _evaluate(tmp_path, f"real_dir={real}", f"fake_dir={fake}", f"train_dir={real}", "max_images=20",
+                        "metrics=[swd]")
+    assert (summary["real"]["count"], summary["real"]["available"]) == (20, 60)
+    assert (summary["fake"]["count"], summary["fake"]["available"]) == (60, 60)
+    out = capsys.readouterr().out
+    assert "real: 20 of 60 images" in out and "train: 20 of 60 images" in out
+
+
+def test_a_sample_py_folder_is_read_as_its_samples_without_the_grid(tmp_path):
+    """sample.py writes 00000_<class>.png files and grid.png; a folder of other files keeps a grid.png of its own."""
+    for i, label in enumerate(("cat", "dog", "cat")):
+        save(tmp_path / "samples" / f"{i:05d}_{label}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    save(tmp_path / "samples" / "grid.png", np.zeros((20, 30, 3), np.uint8))
+    samples = read_folder(tmp_path / "samples", 8)
+    assert len(samples.images) == 3 and samples.class_names == ["cat", "dog"] and samples.labels == [0, 1, 0]
+    save(tmp_path / "photos" / "grid.png", np.zeros((8, 8, 3), np.uint8))
+    save(tmp_path / "photos" / "panel.png", np.zeros((8, 8, 3), np.uint8))
+    assert len(read_folder(tmp_path / "photos", 8).images) == 2
 
 
 def test_earlier_results_are_not_overwritten(tmp_path):

@@ -13,13 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
-from fiberaug.data import list_images
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
 from fiberaug.imaging import make_grid, save_png, to_uint8
 from fiberaug.metrics import evaluate_images, monitor_mode
 from fiberaug.models import load_generator, read_checkpoint
-from fiberaug.tasks.inputs import ImageSet, align_labels, checkpoint_data, draw_samples, read_folder
+from fiberaug.tasks.inputs import ImageSet, align_labels, checkpoint_data, draw_samples, list_folder, read_folder
 from fiberaug.tasks.sample import resolve_device
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,11 @@ def quality(cfg: DictConfig) -> dict[str, float]:
         "train": _describe(cfg.train_dir, train, "the checkpoint's training images") if train else None,
         "seed": cfg.seed,
     }
+    for role in ("real", "fake", "train"):
+        if summary[role]:
+            described = summary[role]
+            subset = f" of {described['available']}" if described["available"] > described["count"] else ""
+            print(f"{role}: {described['count']}{subset} images, {described['source']}")
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2).encode())
     save_png(report_sheet(real.images, fake.images, evaluation.values), out / "report.png")
     if "nearest" in evaluation.artefacts:
@@ -121,31 +125,40 @@ def _fake_images(cfg: DictConfig, model: Any, size: int | None) -> ImageSet:
 
 def _real_images(cfg: DictConfig, data: Any, size: int) -> tuple[ImageSet, ImageSet | None]:
     """The reference set and the memorisation set: the folders given, else the checkpoint's own split."""
-    train = read_folder(cfg.train_dir, size, cfg.max_images, name="train_dir") if cfg.train_dir else None
+    limit, seed = cfg.max_images, cfg.seed
+    train = read_folder(cfg.train_dir, size, limit, name="train_dir", seed=seed) if cfg.train_dir else None
     if cfg.real_dir:
-        real = read_folder(cfg.real_dir, size, cfg.max_images, name="real_dir")
+        real = read_folder(cfg.real_dir, size, limit, name="real_dir", seed=seed)
     elif data is not None:
         split = "val" if len(data.val_set) else "train"
         if split == "train":
             log.warning("the checkpoint's run held no images back: measuring against its training images")
-        images, labels = data.reference_images(split, cfg.max_images)
-        real = ImageSet(images, labels, list(data.class_names))
+        images, labels = data.reference_images(split, limit)
+        real = ImageSet(images, labels, list(data.class_names), available=len(getattr(data, f"{split}_set")))
     else:
         raise UserError("no real images: pass real_dir=DIR (a checkpoint from train.py also brings its own)")
     if train is None and data is not None:
-        images, _ = data.reference_images("train", cfg.max_images)
-        train = ImageSet(images)
+        images, _ = data.reference_images("train", limit)
+        train = ImageSet(images, available=len(data.train_set))
     return real, train
 
 
 def _first_size(folder: str) -> int:
-    with Image.open(list_images(Path(folder))[0]) as im:
-        return min(im.size)
+    """The short side of the folder's first readable image: the size both sets are compared at."""
+    root, paths = list_folder(folder, name="fake_dir")
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                return min(im.size)
+        except (OSError, ValueError, SyntaxError):
+            continue
+    raise UserError(f"fake_dir={root}: none of its {len(paths)} image files could be read")
 
 
 def _describe(given: str | None, images: ImageSet, otherwise: str) -> dict[str, Any]:
+    """Where a set came from and how many of its images were used (of how many, when `max_images` took a subset)."""
     return {"source": str(given) if given else otherwise, "count": len(images.images),
-            "size": list(images.images.shape[1:])}
+            "available": images.available or len(images.images), "size": list(images.images.shape[1:])}
 
 
 def report_sheet(real: torch.Tensor, fake: torch.Tensor, values: dict[str, float], count: int = 16) -> np.ndarray:

@@ -14,14 +14,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fiberaug.data import list_images, read_image, sized_pipeline, to_channels
+from fiberaug.data import IMAGE_EXTENSIONS, list_images, read_image, sized_pipeline, to_channels
 from fiberaug.errors import UserError
 from fiberaug.models import GenerativeModule
 
 log = logging.getLogger(__name__)
 
-# sample.py names its files 00000_<class>.png: the class a sample was drawn for.
+# sample.py names its files 00000_<class>.png (00000.png for an unconditional model): the class a sample was drawn
+# for. Beside them it writes grid.png, a picture of many samples, which is not one.
 _SAMPLE_NAME = re.compile(r"^\d+_(?P<label>.+)$")
+_SAMPLE_FILE = re.compile(r"^\d+(_.+)?$")
+SAMPLE_GRID = "grid.png"
 
 
 @dataclass
@@ -32,21 +35,38 @@ class ImageSet:
     labels: list[int] | None = None
     class_names: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)  # content hashes, where known
+    available: int | None = None  # how many the source held, when only a subset was taken
 
 
-def read_folder(root: str | Path, size: int, limit: int | None = None, name: str = "folder") -> ImageSet:
-    """Every image below `root` (sorted, at most `limit`), scaled so its short side is `size` and centre-cropped.
+def list_folder(root: str | Path, name: str = "folder") -> tuple[Path, list[Path]]:
+    """The folder and its images, sample.py's grid left out; a missing folder or one without images is refused."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{name}={folder} is not a folder")
+    paths = list_images(folder)
+    samples = [p for p in paths if p.relative_to(folder) != Path(SAMPLE_GRID)]
+    if len(samples) < len(paths) and samples and all(_SAMPLE_FILE.match(p.stem) for p in samples):
+        paths = samples  # a folder sample.py wrote
+    if not paths:
+        raise UserError(f"{name}={folder} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return folder, paths
+
+
+def read_folder(root: str | Path, size: int, limit: int | None = None, name: str = "folder", seed: int = 0) -> ImageSet:
+    """The images below `root`, scaled so their short side is `size` and centre-cropped: all of them, or a random
+    `limit` drawn by `seed`, stratified by class (each class keeps its share, and at least one image).
 
     Classes: the top-level sub-folders when every image lies in one (as for training), else the `<class>` of
     sample.py's `00000_<class>.png` names when every file has one. Grayscale stays one channel unless the
     folder mixes in colour. Unreadable files are skipped with a warning naming them.
     """
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"{name}={folder} is not a folder")
-    paths = list_images(folder)[:limit]
-    if not paths:
-        raise UserError(f"{name}={folder} holds no images")
+    folder, paths = list_folder(root, name)
+    available = len(paths)
+    if limit is not None and available > limit:
+        labels, _ = _folder_labels(folder, paths)
+        paths = [paths[i] for i in stratified_subset(labels or [0] * available, limit, seed)]
+        log.info("%s: a random %d of its %d images (seed %d%s)", name, len(paths), available, seed,
+                 ", stratified by class" if labels else "")
     resize = sized_pipeline(size, "resize", train=False)
     arrays, kept, skipped = [], [], []
     for path in tqdm(paths, desc=f"reading {name}", unit="img", leave=False):
@@ -64,7 +84,29 @@ def read_folder(root: str | Path, size: int, limit: int | None = None, name: str
     channels = max(a.shape[2] for a in arrays)
     images = torch.stack([torch.from_numpy(np.repeat(a, channels // a.shape[2], axis=2)) for a in arrays])
     labels, class_names = _folder_labels(folder, kept)
-    return ImageSet(images.permute(0, 3, 1, 2).contiguous() * 2 - 1, labels, class_names)
+    return ImageSet(images.permute(0, 3, 1, 2).contiguous() * 2 - 1, labels, class_names, available=available)
+
+
+def stratified_subset(labels: Sequence[int], limit: int, seed: int) -> list[int]:
+    """`limit` indices drawn by `seed`, each class's count proportional to its share (largest remainders round,
+    and every class keeps one where `limit` allows), in their original order."""
+    rng = np.random.default_rng(seed)
+    members: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        members.setdefault(label, []).append(index)
+    classes = sorted(members)
+    exact = np.array([len(members[c]) * limit / len(labels) for c in classes])
+    counts = np.floor(exact).astype(int)
+    if limit >= len(classes):
+        counts = np.maximum(counts, 1)
+    for i in np.argsort(-(exact - np.floor(exact)), kind="stable"):
+        if counts.sum() >= limit:
+            break
+        counts[i] += 1
+    while counts.sum() > limit:  # the minimum of one per class took more than the remainders gave back
+        counts[np.argmax(np.where(counts > 1, counts - exact, -np.inf))] -= 1
+    picked = [rng.permutation(members[c])[:n] for c, n in zip(classes, counts)]
+    return sorted(int(i) for part in picked for i in part)
 
 
 def _folder_labels(root: Path, paths: Sequence[Path]) -> tuple[list[int] | None, list[str]]:
