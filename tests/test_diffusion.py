@@ -162,3 +162,22 @@ def test_training_hides_labels_at_cond_drop_prob_so_guidance_has_an_unconditiona
     model.eval()
     model._loss(batch)
     assert torch.equal(model.net.seen[-1], batch[1]), "labels were hidden outside training"
+
+
+def test_the_validation_loss_of_given_weights_is_the_same_at_every_validation():
+    """Its timesteps and noise come from a generator of the batch's own, so neither the global random state nor an
+    earlier validation moves it, and checkpoint ranking and sweeps compare models, not draws."""
+    from fiberaug.models.diffusion import DiffusionModule
+
+    model = DiffusionModule(denoiser={"_target_": "fiberaug.nets.ContextUNet", "base_channels": 8},
+                            image_size=8, channels=1, class_names=list("ab")).eval()
+    logged = []
+    model.log = lambda name, value, **_: logged.append((name, value.item()))
+    batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.randint(0, 2, (8,)))
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        model.validation_step(batch, batch_idx=0)
+    model.validation_step(batch, batch_idx=1)
+    names, values = zip(*logged)
+    assert set(names) == {"loss/val"} and values[0] == values[1] == values[2]
+    assert values[3] != values[0]  # another batch draws other timesteps and noise: the loss is not a constant

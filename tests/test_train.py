@@ -146,8 +146,13 @@ def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
 
 def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_path):
     overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
-    result = run_script("train.py", "-m", *overrides, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
+    # Keys of neither the model nor the loss get their HPARAMS columns too, as typed on the command line.
+    others = ["data.val_fraction=0.1,0.2", "callbacks.metrics.every_n_epochs=3"]
+    result = run_script("train.py", "-m", *overrides, *others, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {(0.1, 1): "0", (0.1, 2): "1", (0.2, 1): "2", (0.2, 2): "3"}
+    assert {job: hparams_session(tmp_path / job)[0]["data.val_fraction"] for job in jobs.values()} == {
+        job: pytest.approx(fraction) for (fraction, _), job in jobs.items()}
     for job, seed in (("0", 1), ("1", 2)):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         assert f"seed={seed}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
@@ -157,6 +162,7 @@ def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_pat
         assert params["data.batch_size"] == 16 and params["data.image_size"] == 8 and params["augment"] == "none"
         assert params["trainer.precision"] == "32-true" and params["effective_batch_size"] == 16
         assert params["model.denoiser.channel_mults"] == "[1, 2]" and params["model/params/total"] > 0
+        assert params["callbacks.metrics.every_n_epochs"] == 3
         # No experiment summary: TensorBoard would take every run's columns from one of them.
         assert status == hparams_api.STATUS_SUCCESS and hparams_metadata.EXPERIMENT_TAG not in tags
         # HPARAMS shows the last value of each scalar of the run: loss/val's is the value train.py returned.
