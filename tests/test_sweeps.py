@@ -142,11 +142,32 @@ def test_an_optimized_metric_nothing_logs_is_refused_before_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_run_stopped_inside_an_epoch_still_validates_at_its_last_step(tmp_path):
+    """Two steps of a five-step epoch: Lightning alone would not validate, so a sweep would have no loss/val."""
+    value = train(compose_config("train", [*TINY, "trainer.max_steps=2", "optimized_metric=loss/val"], tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/val")] == [(1, pytest.approx(value))]
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert _global_step(best) == 2 and _record(tmp_path)["status"] == "finished"
+
+
 def test_an_optimized_metric_never_logged_fails_after_training(tmp_path):
-    cfg = compose_config("train", [*TINY, "trainer.max_steps=2", "optimized_metric=loss/val"], tmp_path)
-    with pytest.raises(SystemExit, match="optimized_metric=loss/val was never logged in this run"):
-        run_task(train, cfg)  # two steps of a five-step epoch: no validation
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and _record(tmp_path)["status"] == "running"
+    overrides = [*TINY, "trainer.max_steps=2", "optimized_metric=val/swd", "callbacks.metrics.every_n_epochs=5"]
+    with pytest.raises(SystemExit, match="optimized_metric=val/swd was never logged in this run"):
+        run_task(train, compose_config("train", overrides, tmp_path))  # measured every 5 epochs: never here
+    record = _record(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and record["status"] == "failed"
+    assert record["value"] is None and "val/swd was never logged" in record["error"]
+
+
+def test_a_sweep_job_without_its_metric_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    result = run_script("train.py", "-m", *SHORT, "callbacks.metrics.every_n_epochs=5,1", "optimized_metric=val/swd",
+                        f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed, finished = _record(tmp_path / "0"), _record(tmp_path / "1")
+    assert failed["status"] == "failed" and "val/swd was never logged" in failed["error"]
+    assert finished["status"] == "finished" and finished["value"] > 0
 
 
 def test_ddp_that_would_run_the_sweep_again_is_refused_in_a_sweep_job(tmp_path):

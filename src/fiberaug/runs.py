@@ -54,7 +54,8 @@ class Run:
         write_atomic(self.dir / RECORD, (json.dumps(record, indent=2) + "\n").encode())
 
     def sweep_state(self) -> tuple[dict[str, Any] | None, Path | None]:
-        """For a sweep job: (its record if it finished, else None; its `last.ckpt` to resume from, or None).
+        """For a sweep job: (its record if it ended, finished or failed, else None; its `last.ckpt` to resume from,
+        or None).
 
         A folder that records other overrides belongs to another job; it is never trained over.
         """
@@ -66,7 +67,7 @@ class Run:
                 f"{self.dir} holds the job {' '.join(record['overrides']) or '(no overrides)'}, not this one "
                 f"({' '.join(self.overrides)}); continue that sweep with its own command, or pass hydra.sweep.dir=NEW"
             )
-        if record["status"] == "finished":
+        if record["status"] in ("finished", "failed"):
             return record, None
         return None, self.last_checkpoint if self.last_checkpoint.is_file() else None
 

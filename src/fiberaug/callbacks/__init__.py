@@ -4,5 +4,6 @@ from fiberaug.callbacks.checkpoint import ModelCheckpoint
 from fiberaug.callbacks.ema import EMA
 from fiberaug.callbacks.metrics import SampleMetrics
 from fiberaug.callbacks.sample_grid import SampleGrid
+from fiberaug.callbacks.validation import FinalValidation
 
-__all__ = ["EMA", "ModelCheckpoint", "SampleGrid", "SampleMetrics"]
+__all__ = ["EMA", "FinalValidation", "ModelCheckpoint", "SampleGrid", "SampleMetrics"]

@@ -190,14 +190,16 @@ def train(cfg: DictConfig) -> float | None:
 
     Each run records its overrides and, once done, its result in `job.json`. A sweep job (`-m`) whose folder records
     a result returns it without training, and one with a `last.ckpt` but no result resumes from it: running an
-    interrupted sweep's command again completes it.
+    interrupted sweep's command again completes it. A job that cannot return `optimized_metric` (it was never
+    logged) is recorded as failed and returns None, which the sweep takes as a failure and goes on.
     """
     run = current_run(cfg)
     resume = None
     if is_sweep_job():
         finished, resume = run.sweep_state()
         if finished is not None:
-            log.info("%s finished before: returning its result %s=%s", run.dir, finished["metric"], finished["value"])
+            log.info("%s %s before: returning its result %s=%s", run.dir, finished["status"], finished["metric"],
+                     finished["value"])
             return finished["value"]
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -231,7 +233,17 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(params)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    value = optimized_value(trainer, metric)
+    resumed_from = str(ckpt_path) if ckpt_path else None
+    try:
+        value = optimized_value(trainer, metric)
+    except UserError as exc:
+        if trainer.is_global_zero:
+            run.write("failed", resumed_from=resumed_from, metric=metric, value=None, error=str(exc))
+        if not is_sweep_job():
+            raise
+        # The sweep goes on: a grid sweeper ignores the value, Optuna records the trial as failed.
+        log.error("job failed: %s", exc)
+        return None
     if trainer.is_global_zero:
-        run.write("finished", resumed_from=str(ckpt_path) if ckpt_path else None, metric=metric, value=value)
+        run.write("finished", resumed_from=resumed_from, metric=metric, value=value)
     return value
