@@ -6,9 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config, run_script
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -17,8 +19,9 @@ from fiberaug.tasks import run_task
 from fiberaug.tasks.train import resolve_precision, train
 
 
-def _events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+def _events(run_dir: Path, name: str = "") -> EventAccumulator:
+    """The TensorBoard events of a run, or of the sweep job's run `name`."""
+    events = EventAccumulator(str(run_dir / "tensorboard" / name), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     return events
 
@@ -37,6 +40,10 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert {"loss/train", "loss/val", "lr-AdamW"} <= set(scalars)
     assert [e.step for e in events.Scalars("loss/val")] == [4, 9]
     assert [e.step for e in events.Images("samples")] == [5, 10]
+    # 4 samples of 8 px, ×8, one column per class drawn, class names over them: the same picture in both places.
+    grid = np.asarray(Image.open(sorted((trained_run / "samples").glob("*.png"))[-1]))
+    assert grid.shape[1] == 4 * 66 + 2 and grid.shape[0] > 66 + 2 + 14
+    assert (events.Images("samples")[-1].width, events.Images("samples")[-1].height) == (grid.shape[1], grid.shape[0])
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
 
