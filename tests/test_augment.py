@@ -72,7 +72,23 @@ def test_script_writes_outputs_manifest_run_file_and_summary(image_folder, tmp_p
     assert run["job"]["seed"] == 0 and run["job"]["copies"] == 2 and len(run["job"]["pipeline_sha256"]) == 64
     assert run["pipeline"]["transform"]["transforms"][0]["__class_fullname__"] == "RandomBrightnessContrast"
     assert "augment.py" in run["command"] and run["versions"]["albumentations"] == "2.0.8"
-    assert pixels(out / "contact_sheet.png").shape[1] > 3 * 128
+    assert pixels(out / "contact_sheet.png").shape[1] == 3 * 130 + 2  # the original and two copies
+
+
+def test_contact_sheet_rows_come_from_every_class_under_headers_and_file_names(tmp_path):
+    root, out = tmp_path / "in", tmp_path / "out"
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):  # the first files are all of class a
+        for i in range(3):
+            save(root / name / f"{i}.png", np.full((16, 16, 3), colour, np.uint8))
+    augment(augment_config(root, out, "copies=2", "augment=none", "contact_sheet=2"))
+    sheet = pixels(out / "contact_sheet.png")
+    red, blue = (np.all(sheet == colour, axis=2) for colour in ((255, 0, 0), (0, 0, 255)))
+    red_rows, blue_rows = np.flatnonzero(red.any(axis=1)), np.flatnonzero(blue.any(axis=1))
+    assert len(red_rows) == len(blue_rows) == 128 and red_rows.max() < blue_rows.min()  # a row of each class
+    assert red.any(axis=0).sum() == blue.any(axis=0).sum() == 3 * 128  # the original and its two copies
+    white = sheet.min(axis=2) > 128
+    assert white[: red_rows.min(), 2 * 130 :].any()  # "copy 2" over the last column
+    assert white[red_rows.max() + 1 : blue_rows.min()].any()  # the second row's file name above it
 
 
 def test_records_hold_the_parameters_drawn(image_folder, tmp_path):

@@ -30,7 +30,13 @@ def test_sample_script_writes_pngs_and_a_grid(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["00000_0.png", "00001_1.png", "00002_2.png", "00003_3.png", "00004_4.png", "grid.png"]
-    assert np.asarray(Image.open(tmp_path / "00000_0.png")).shape == (8, 8)  # the trained size, grayscale
+    first = np.asarray(Image.open(tmp_path / "00000_0.png"))
+    assert first.shape == (8, 8)  # the trained size, grayscale
+    # The grid: one column per class drawn (0 to 4), each sample enlarged ×8 under a band with the class names.
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    header = grid.shape[0] - (64 + 4)
+    assert grid.shape[1] == 5 * 66 + 2 and header >= 14 and grid[:header].max() > 128
+    assert np.array_equal(grid[header + 2 : header + 66, 2:66], np.kron(first, np.ones((8, 8), np.uint8)))
     assert "sampling" in result.stderr  # the progress bar
 
 

@@ -57,16 +57,18 @@ def test_an_interrupted_sweep_run_again_skips_its_finished_job_and_resumes_the_o
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     finished, killed = sweep / "0", sweep / "1"
     assert _record(finished)["status"] == "finished" and _record(killed)["status"] == "running"
-    before = _record(finished), sorted((finished / "tensorboard").iterdir())
+    # Each job's TensorBoard run is named by what it changed (seed), not by the overrides the sweep's jobs share.
+    before = _record(finished), sorted((finished / "tensorboard" / "seed=1").iterdir())
 
     second = run_script("train.py", *command, env=PROBES)
     assert second.returncode == 0, second.stderr[-3000:]
     assert list((tmp_path / "train" / "multiruns").iterdir()) == [sweep]
-    assert (_record(finished), sorted((finished / "tensorboard").iterdir())) == before  # not trained again
+    assert (_record(finished), sorted((finished / "tensorboard" / "seed=1").iterdir())) == before  # not trained again
     record = _record(killed)
     assert record["status"] == "finished" and record["resumed_from"] == str(killed / "checkpoints" / "last.ckpt")
     assert _global_step(killed / "checkpoints" / "last.ckpt") == 4
-    first_events, resumed_events = sorted((killed / "tensorboard").glob("events.*"), key=os.path.getmtime)
+    first_events, resumed_events = sorted((killed / "tensorboard" / "seed=2").glob("events.*"),
+                                         key=os.path.getmtime)
     # The killed run's last events may be lost with it; the resumed one goes on from the checkpoint at step 2.
     resumed_steps = _train_steps(resumed_events)
     assert _train_steps(first_events)[0] == 0 and len(resumed_steps) == 2 and min(resumed_steps) >= 2

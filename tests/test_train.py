@@ -6,9 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config, run_script
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -17,8 +19,9 @@ from fiberaug.tasks import run_task
 from fiberaug.tasks.train import resolve_precision, train
 
 
-def _events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+def _events(run_dir: Path, name: str = "") -> EventAccumulator:
+    """The TensorBoard events of a run, or of the sweep job's run `name`."""
+    events = EventAccumulator(str(run_dir / "tensorboard" / name), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     return events
 
@@ -37,6 +40,10 @@ def test_run_dir_holds_checkpoints_tensorboard_samples_and_config(trained_run):
     assert {"loss/train", "loss/val", "lr-AdamW"} <= set(scalars)
     assert [e.step for e in events.Scalars("loss/val")] == [4, 9]
     assert [e.step for e in events.Images("samples")] == [5, 10]
+    # 4 samples of 8 px, ×8, one column per class drawn, class names over them: the same picture in both places.
+    grid = np.asarray(Image.open(sorted((trained_run / "samples").glob("*.png"))[-1]))
+    assert grid.shape[1] == 4 * 66 + 2 and grid.shape[0] > 66 + 2 + 14
+    assert (events.Images("samples")[-1].width, events.Images("samples")[-1].height) == (grid.shape[1], grid.shape[0])
     assert (trained_run / "tensorboard" / "hparams.yaml").read_text().count("model/params/total") == 1
 
 
@@ -133,9 +140,10 @@ def test_a_run_ending_inside_its_first_epoch_draws_no_sample_grid(tmp_path, capl
     assert [p.name for p in (tmp_path / "longer" / "samples").glob("*.png")] == ["epoch0001-step0000007.png"]
 
 
-def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
-    """A run's HPARAMS row as TensorBoard reads it: its parameters, its end status, and its hparams summary tags."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+def hparams_session(run_dir: Path, name: str = "") -> tuple[dict, int | None, set[str]]:
+    """A run's HPARAMS row as TensorBoard reads it (`name`: a sweep job's run): its parameters, its end status, and
+    its hparams summary tags."""
+    events = EventAccumulator(str(run_dir / "tensorboard" / name))
     events.Reload()
     content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
     start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
@@ -144,7 +152,7 @@ def hparams_session(run_dir: Path) -> tuple[dict, int | None, set[str]]:
     return params, hparams_metadata.parse_session_end_info_plugin_data(end).status if end else None, set(content)
 
 
-def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_path):
+def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams_named_by_its_overrides(tmp_path):
     overrides = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "optimized_metric=loss/val"]
     # Keys of neither the model nor the loss get their HPARAMS columns too, as typed on the command line.
     others = ["data.val_fraction=0.1,0.2", "callbacks.metrics.every_n_epochs=3"]
@@ -156,7 +164,9 @@ def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_pat
     for job, seed in (("0", 1), ("1", 2)):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         assert f"seed={seed}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
-        params, status, tags = hparams_session(tmp_path / job)
+        # TensorBoard names the job's run by what it changed: `0/tensorboard/seed=1`, not `0/tensorboard`.
+        assert [p.name for p in (tmp_path / job / "tensorboard").iterdir()] == [f"seed={seed}"]
+        params, status, tags = hparams_session(tmp_path / job, f"seed={seed}")
         assert params["seed"] == seed and params["model"] == "ddpm" and params["model/denoiser"] == "context_unet"
         assert params["model.lr"] == pytest.approx(1e-3) and params["model.schedule"] == "cosine"
         assert params["data.batch_size"] == 16 and params["data.image_size"] == 8 and params["augment"] == "none"
@@ -166,7 +176,7 @@ def test_multirun_sweep_writes_one_run_dir_per_job_each_a_row_of_hparams(tmp_pat
         # No experiment summary: TensorBoard would take every run's columns from one of them.
         assert status == hparams_api.STATUS_SUCCESS and hparams_metadata.EXPERIMENT_TAG not in tags
         # HPARAMS shows the last value of each scalar of the run: loss/val's is the value train.py returned.
-        events = _events(tmp_path / job)
+        events = _events(tmp_path / job, f"seed={seed}")
         assert [e.step for e in events.Scalars("loss/val")] == [1]  # no extra point at step 0
         record = json.loads((tmp_path / job / "job.json").read_text())
         assert record["value"] == pytest.approx(events.Scalars("loss/val")[-1].value)

@@ -1,5 +1,6 @@
 """What a run leaves on disk for the runs after it: its record (`job.json`), where `ckpt_path=last` looks, and the
-name of a sweep's folder, so that an interrupted run or sweep continues with the same command."""
+name of a sweep's folder, so that an interrupted run or sweep continues with the same command; and the names of a
+sweep's runs in TensorBoard."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
 
 RECORD = "job.json"
+SWEEP_OVERRIDES = "sweep_overrides.yaml"
 
 
 def identifying(overrides: Sequence[str]) -> list[str]:
@@ -30,8 +35,30 @@ def sweep_name(overrides: Sequence[str]) -> str:
     default is a timestamp: a new folder every time).
     """
     items = [str(o) for o in overrides]
-    slug = re.sub(r"[^A-Za-z0-9._,=+-]+", "_", " ".join(items)).strip("_")[:80] or "defaults"
-    return f"{slug}-{hashlib.sha256(json.dumps(items).encode()).hexdigest()[:8]}"
+    return f"{_slug(' '.join(items))[:80] or 'defaults'}-{hashlib.sha256(json.dumps(items).encode()).hexdigest()[:8]}"
+
+
+class SweepOverrides(Callback):
+    """Writes a sweep command's overrides to `<sweep dir>/sweep_overrides.yaml` before its jobs start: a job knows
+    only its own overrides, and `job_name` leaves out those every job of the sweep shares."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / SWEEP_OVERRIDES, OmegaConf.to_yaml(list(config.hydra.overrides.task)).encode())
+
+
+def job_name(overrides: Sequence[str], sweep_dir: Path) -> str:
+    """A sweep job's TensorBoard run name: the overrides it does not share with the rest of its sweep, as one
+    folder name (`model.lr=0.001,seed=1`), so that TensorBoard tells the sweep's runs apart by what they changed."""
+    shared = OmegaConf.load(sweep_dir / SWEEP_OVERRIDES) if (sweep_dir / SWEEP_OVERRIDES).is_file() else []
+    own = [o for o in identifying([str(o) for o in overrides]) if o not in shared]
+    return _slug(",".join(own))[:200] or "defaults"
+
+
+def _slug(text: str) -> str:
+    """`text` with every run of characters unsafe in a file name (`/`, spaces, quotes) replaced by `_`."""
+    return re.sub(r"[^A-Za-z0-9._,=+-]+", "_", text).strip("_")
 
 
 @dataclass

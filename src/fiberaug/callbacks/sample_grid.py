@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fiberaug.callbacks.common import evaluation_model
-from fiberaug.imaging import make_grid, save_png, to_uint8
+from fiberaug.imaging import labelled_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 class SampleGrid(pl.Callback):
     """Every `every_n_epochs` epochs and when training ends, sample `num_samples` images from seed `seed`.
 
-    The seeds stay fixed, so successive grids show how the same starting noise develops. A
-    class-conditional model gets one column per class. When a weight-averaging (EMA) callback is
-    present, its averaged weights generate, as they are what the checkpoints hold. Nothing is drawn before
+    The seeds stay fixed, so successive grids show how the same starting noise develops. A class-conditional
+    model gets one column per class, its name written over it (see `labelled_grid`). When a weight-averaging (EMA)
+    callback is present, its averaged weights generate, as they are what the checkpoints hold. Nothing is drawn before
     the first epoch completes, so a run that ends inside it (a smoke test) draws no grid: on a CPU a large
     model's grid can take minutes, far longer than such a run trains.
     """
@@ -62,7 +62,7 @@ class SampleGrid(pl.Callback):
         self._last_step = trainer.global_step
         model = evaluation_model(trainer, pl_module)
         images = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
-        grid = make_grid(to_uint8(images), columns=model.grid_columns(self.num_samples))
+        grid = labelled_grid(to_uint8(images), model.label_names())
         save_png(grid, self.dirpath / f"epoch{self._epoch:04d}-step{trainer.global_step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -3,7 +3,6 @@ that carry the random state an exact resume needs."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +75,18 @@ class GenerativeModule(pl.LightningModule):
 
         Without labels a class-conditional model cycles through all of its classes.
         """
+        cycle = self._label_cycle(labels)
+        if cycle is None:
+            return None
+        return torch.tensor([cycle[i % len(cycle)] for i in range(num_samples)], device=self.device)
+
+    def label_names(self, labels: Sequence[Label] | Label | None = None) -> list[str]:
+        """The class names samples are drawn for in turn (sample i: name i % len), [] without classes: a sample
+        grid's column names."""
+        return [self.class_names[i] for i in self._label_cycle(labels) or []]
+
+    def _label_cycle(self, labels: Sequence[Label] | Label | None) -> list[int] | None:
+        """The class indices `labels` name, which samples repeat in turn (all classes when None)."""
         if not self.num_classes:
             if labels is not None:
                 raise UserError(f"labels={labels!r}: this model was trained without class labels; leave labels unset")
@@ -87,7 +98,7 @@ class GenerativeModule(pl.LightningModule):
         indices = [self._label_index(label) for label in labels]
         if not indices:
             raise UserError("labels=[] is empty; give class names or indices, or leave labels unset")
-        return torch.tensor([indices[i % len(indices)] for i in range(num_samples)], device=self.device)
+        return indices
 
     def _label_index(self, label: Label) -> int:
         if isinstance(label, str) and label in self.class_names:
@@ -125,12 +136,6 @@ class GenerativeModule(pl.LightningModule):
                 bar.update(stop - start)
         self.train(was_training)
         return torch.cat(batches)
-
-    def grid_columns(self, num_samples: int) -> int:
-        """Columns of a sample grid: one per class when every class fits in a row."""
-        if 0 < self.num_classes <= num_samples:
-            return self.num_classes
-        return math.ceil(math.sqrt(num_samples))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fiberaug.errors import UserError
-from fiberaug.runs import sweep_name
+from fiberaug.runs import job_name, sweep_name
 
 # conf/hydra/default.yaml names sweep folders with it. Cached on its argument's text, which is the same in the sweep's
 # config and in each job's (Hydra copies the cache to them), so every job resolves the sweep's own name.
 if not OmegaConf.has_resolver("fiberaug.sweep_name"):
     OmegaConf.register_new_resolver("fiberaug.sweep_name", lambda items: sweep_name(list(items)), use_cache=True)
+
+
+def _job_name() -> str:
+    """conf/logger/tensorboard.yaml's sub-folder: a sweep job's overrides (see `job_name`); none for a single run."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    multirun = hydra is not None and hydra.mode == RunMode.MULTIRUN
+    return job_name(hydra.overrides.task, Path(hydra.sweep.dir)) if multirun else ""
+
+
+if not OmegaConf.has_resolver("fiberaug.job_name"):
+    OmegaConf.register_new_resolver("fiberaug.job_name", _job_name)
 
 # conf/hydra/launcher/submitit_slurm.yaml has the name of the submitit plugin's own config, so that users type the
 # plugin's name; it extends that config under another name (hydra_plugins/fiberaug/launchers.py). Hydra still matches

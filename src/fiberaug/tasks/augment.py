@@ -77,8 +77,8 @@ def augment(cfg: DictConfig) -> Summary:
             document = coco_document(categories, (latest[out.image] for out in outputs if out.image in latest))
             write_atomic(output_dir / "annotations.json", json.dumps(document, indent=1).encode())
         if cfg.contact_sheet:
-            shown = list(dict.fromkeys(out.source for out in outputs))[: cfg.contact_sheet]
-            sheet = contact_sheet(input_dir, output_dir, shown, settings["copies"])
+            shown = [out.source for out in outputs]
+            sheet = contact_sheet(input_dir, output_dir, shown, settings["copies"], cfg.contact_sheet)
             write_image(output_dir / "contact_sheet.png", sheet)
     summary.seconds = time.perf_counter() - start
     _report(summary, output_dir)

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
-from fiberaug.imaging import make_grid, save_png, to_uint8
+from fiberaug.imaging import labelled_grid, save_png, text_band, to_uint8
 from fiberaug.metrics import evaluate_images, monitor_mode
 from fiberaug.models import load_generator, read_checkpoint
 from fiberaug.tasks.inputs import ImageSet, align_labels, checkpoint_data, draw_samples, list_folder, read_folder
@@ -162,18 +162,15 @@ def _describe(given: str | None, images: ImageSet, otherwise: str) -> dict[str, 
 
 
 def report_sheet(real: torch.Tensor, fake: torch.Tensor, values: dict[str, float], count: int = 16) -> np.ndarray:
-    """report.png: a row of real images over a row of generated ones, with the headline metrics beneath."""
-    rows = [to_uint8(images[:count]) for images in (real, fake)]
-    channels = max(r.shape[3] for r in rows)
-    rows = [np.repeat(r, channels // r.shape[3], axis=3) for r in rows]
-    height, width = min(r.shape[1] for r in rows), min(r.shape[2] for r in rows)
-    grids = [make_grid(r[:, :height, :width], columns=count) for r in rows]
-    lines = ["top: real   bottom: generated"] + [f"{k}: {v:.4g}" for k, v in values.items() if k.count("/") == 0]
-    text = Image.new("L" if channels == 1 else "RGB", (grids[0].shape[1], 12 * len(lines) + 6))
-    draw = ImageDraw.Draw(text)
-    for i, line in enumerate(lines):
-        draw.text((4, 3 + 12 * i), line, fill=255 if channels == 1 else (255, 255, 255))
-    text = np.asarray(text).reshape(text.size[1], text.size[0], channels)
-    width = max(g.shape[1] for g in grids)
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)))  # noqa: E731
-    return np.concatenate([pad(grids[0]), pad(grids[1]), pad(text)])
+    """report.png: `count` real images beside `count` generated ones, each set a grid enlarged like the sample
+    grids under its caption, with the headline metrics beneath in text large enough to read."""
+    sets = [to_uint8(images[:count]) for images in (real, fake)]
+    channels = max(s.shape[3] for s in sets)
+    height, width = min(s.shape[1] for s in sets), min(s.shape[2] for s in sets)
+    grids = [labelled_grid(np.repeat(s, channels // s.shape[3], axis=3)[:, :height, :width]) for s in sets]
+    panels = [np.concatenate([text_band([title], g.shape[1], channels), g])
+              for title, g in zip((f"real ({len(sets[0])})", f"generated ({len(sets[1])})"), grids, strict=True)]
+    rows = max(p.shape[0] for p in panels)
+    top = np.concatenate([np.pad(p, ((0, rows - p.shape[0]), (0, 0), (0, 0))) for p in panels], axis=1)
+    lines = [f"{k}: {v:.4g}" for k, v in values.items() if k.count("/") == 0]
+    return np.concatenate([top, text_band(lines, top.shape[1], channels)])

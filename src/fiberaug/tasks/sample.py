@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fiberaug.errors import UserError
-from fiberaug.imaging import make_grid, save_png, to_uint8
+from fiberaug.imaging import labelled_grid, save_png, to_uint8
 from fiberaug.models import load_generator
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,6 @@ def sample(cfg: DictConfig) -> Path:
     for i, image in enumerate(images):
         suffix = f"_{model.class_names[label_idx[i]]}" if label_idx is not None else ""
         save_png(image, out / f"{i:05d}{suffix}.png")
-    save_png(make_grid(images, columns=model.grid_columns(len(images))), out / "grid.png")
+    save_png(labelled_grid(images, model.label_names(labels)), out / "grid.png")
     log.info("wrote %d images and grid.png to %s", len(images), out)
     return out
