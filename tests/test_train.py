@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from fiberaug.models.base import GenerativeModule
 from fiberaug.tasks import run_task
 from fiberaug.tasks.train import resolve_precision, train
 
@@ -138,6 +140,30 @@ def test_a_run_ending_inside_its_first_epoch_draws_no_sample_grid(tmp_path, capl
     train(compose_config("train", [*TINY, "trainer.max_steps=7", "callbacks.sample_grid.every_n_epochs=5"],
                          tmp_path / "longer"))
     assert [p.name for p in (tmp_path / "longer" / "samples").glob("*.png")] == ["epoch0001-step0000007.png"]
+
+
+def test_a_run_shorter_than_min_steps_skips_the_extras_and_draws_a_quick_final_grid(tmp_path, caplog, monkeypatch):
+    """A 10-step run (two epochs) with the extras' own min_steps (500): no grid and no metrics at its epochs, one
+    final grid with 10 sampler steps (not the model's 4 here: the option is the grid's), each extra saying so."""
+    calls = []
+    sample = GenerativeModule.sample
+    monkeypatch.setattr(GenerativeModule, "sample", lambda model, n, **kw: calls.append(kw) or sample(model, n, **kw))
+    overrides = [*TINY, "callbacks.sample_grid.min_steps=500", "callbacks.metrics.min_steps=500"]
+    with caplog.at_level(logging.INFO):
+        train(compose_config("train", overrides, tmp_path))
+    assert [call.get("steps") for call in calls] == [10]  # the final grid only
+    assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["epoch0001-step0000010.png"]
+    assert "val/swd" not in _events(tmp_path).Tags()["scalars"]
+    assert "sample metrics: none before step 500 (callbacks.metrics.min_steps; now at step 5)" in caplog.text
+    assert "sample grid: drawing 4 samples with 10 sampler steps" in caplog.text
+
+
+def test_the_extras_say_what_they_draw_and_how_long_it_took(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(compose_config("train", TINY, tmp_path))
+    assert caplog.text.count("sample grid: drawing 4 samples…") == 2
+    assert caplog.text.count("sample metrics: drawing 16 samples, measuring swd, memorisation…") == 2
+    assert re.search(r"sample metrics: swd [\d.]+, memorisation [\d.]+ in [\d.]+ s", caplog.text)
 
 
 def hparams_session(run_dir: Path, name: str = "") -> tuple[dict, int | None, set[str]]:

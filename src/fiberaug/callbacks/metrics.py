@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +11,8 @@ import pytorch_lightning as pl
 
 from fiberaug.callbacks.common import evaluation_model, validates
 from fiberaug.metrics import CHEAP, evaluate_images
+
+log = logging.getLogger(__name__)
 
 
 class SampleMetrics(pl.Callback):
@@ -19,7 +23,9 @@ class SampleMetrics(pl.Callback):
     Measured every `every_n_epochs`-th epoch, whether or not its metrics rank the checkpoints: a model with a
     validation loop at the end of that epoch's validation (none when the epoch does not validate); a GAN, which
     has none, after the epoch's last batch, just before the checkpoint callback makes that epoch's saves.
-    `measured_step` says when, so that `ModelCheckpoint` ranks by these metrics only where they are fresh. The
+    `measured_step` says when, so that `ModelCheckpoint` ranks by these metrics only where they are fresh. Nothing is
+    measured before step `min_steps` (a note says so once): a small folder's epochs are a step or two long, and
+    a hundred samples of a barely trained model would cost many times its training and say nothing. The
     weights measured are the ones checkpoints hold (the EMA average when there is one). Rank 0 measures and the
     others receive its values, so every process logs and ranks alike.
     """
@@ -31,11 +37,14 @@ class SampleMetrics(pl.Callback):
         every_n_epochs: int = 10,
         seed: int = 0,
         max_reference: int = 2000,
+        min_steps: int = 500,
         **sample_options: Any,
     ) -> None:
         self.metrics = list(metrics)
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
+        self.min_steps = min_steps
+        self._noted = False
         self.seed = seed
         self.max_reference = max_reference
         self.sample_options = sample_options
@@ -63,11 +72,21 @@ class SampleMetrics(pl.Callback):
             self._measure(trainer, pl_module)
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return False
+        if trainer.global_step < self.min_steps:
+            if not self._noted:
+                self._noted = True
+                log.info("sample metrics: none before step %d (callbacks.metrics.min_steps; now at step %d)",
+                         self.min_steps, trainer.global_step)
+            return False
+        return True
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = None
         if trainer.is_global_zero:
+            log.info("sample metrics: drawing %d samples, measuring %s…", self.num_samples, ", ".join(self.metrics))
+            start = time.perf_counter()
             reference = self._reference_images(trainer)
             model = evaluation_model(trainer, pl_module)
             fake = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
@@ -77,6 +96,8 @@ class SampleMetrics(pl.Callback):
                 fake_labels=labels.tolist() if labels is not None else None, class_names=model.class_names,
                 metrics=self.metrics, seed=self.seed, sheet_rows=0,
             ).values
+            log.info("sample metrics: %s in %.1f s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()
+                                                             if "/" not in k), time.perf_counter() - start)
         values = trainer.strategy.broadcast(values, src=0)
         self.measured_step = trainer.global_step
         pl_module.log_dict({f"val/{name}": value for name, value in values.items()}, sync_dist=False)

@@ -92,7 +92,8 @@ def optimized_value(trainer: pl.Trainer, name: str | None) -> float | None:
     if value is None:
         raise UserError(
             f"optimized_metric={name} was never logged in this run (did a validation or evaluation run? see "
-            "data.val_fraction, trainer.limit_val_batches), so there is no value to return; the checkpoints are kept"
+            "data.val_fraction, trainer.limit_val_batches, callbacks.metrics.every_n_epochs and min_steps), so there "
+            "is no value to return; the checkpoints are kept"
         )
     return float(value)
 
