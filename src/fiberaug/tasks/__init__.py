@@ -10,6 +10,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fiberaug.errors import UserError
 from fiberaug.runs import job_name, sweep_name
@@ -21,10 +22,16 @@ if not OmegaConf.has_resolver("fiberaug.sweep_name"):
 
 
 def _job_name() -> str:
-    """conf/logger/tensorboard.yaml's sub-folder: a sweep job's overrides (see `job_name`); none for a single run."""
+    """conf/logger/tensorboard.yaml's sub-folder: a sweep job's overrides (see `job_name`); none for a single run,
+    nor for a multirun config composed outside a launched sweep (the compose API), whose sweep folder is unset."""
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
-    multirun = hydra is not None and hydra.mode == RunMode.MULTIRUN
-    return job_name(hydra.overrides.task, Path(hydra.sweep.dir)) if multirun else ""
+    if hydra is None or hydra.mode != RunMode.MULTIRUN:
+        return ""
+    try:
+        sweep_dir = Path(hydra.sweep.dir)
+    except OmegaConfBaseException:
+        return ""
+    return job_name(hydra.overrides.task, sweep_dir)
 
 
 if not OmegaConf.has_resolver("fiberaug.job_name"):
