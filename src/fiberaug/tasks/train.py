@@ -19,6 +19,7 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 
 from fiberaug.errors import UserError
 from fiberaug.runs import Run, find_last_checkpoint, identifying
+from fiberaug.tasks.trainer_options import build_trainer, check_trainer_options
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
 
+    check_trainer_options(cfg.trainer, passed=("callbacks", "logger"))
     model_options = loss_option(cfg)
     # Plain containers: the DataModule's arguments go into checkpoints, which load with weights_only=True.
     datamodule = instantiate(cfg.data, augment=cfg.get("augment"), _recursive_=False, _convert_="all")
@@ -218,10 +220,10 @@ def train(cfg: DictConfig) -> float | None:
     metric = cfg.get("optimized_metric")
     check_optimized_metric(metric, declared_metrics(model, callbacks))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = build_trainer(lambda: instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer.precision),
         **strategy_option(cfg.trainer, model),
-    )
+    ))
     if is_sweep_job():
         refuse_relaunch_in_sweep(trainer)
     if trainer.is_global_zero:
