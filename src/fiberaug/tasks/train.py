@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from fiberaug.console import quiet_lightning, summarise
 from fiberaug.errors import UserError
 from fiberaug.runs import Run, find_last_checkpoint, identifying
 from fiberaug.tasks.trainer_options import build_trainer, check_trainer_options
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # FiberAug's DataModules resume inside an epoch themselves (their state_dict), which this warning cannot see.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+quiet_lightning()
 
 # Besides the model's and the loss's options, what HPARAMS shows of the data.
 HPARAMS_DATA_KEYS = ("image_size", "channels", "batch_size", "resize_policy", "crop_scale", "labels")
@@ -233,6 +235,8 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(params)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        summarise(trainer, run.dir)
     value = optimized_value(trainer, metric)
     if trainer.is_global_zero:
         run.write("finished", resumed_from=str(ckpt_path) if ckpt_path else None, metric=metric, value=value)
