@@ -29,8 +29,8 @@ from fiberaug.tasks.train import train
         (["trainer=gpu"], "trainer=gpu (trainer.accelerator=gpu): no CUDA GPU here; use trainer=cpu, or "
                           "trainer=default"),
         # What Lightning itself refuses is one line too.
-        (["trainer.devices=0"], "trainer: Lightning refuses this configuration: `Trainer(devices=0)` value is not a "
-                                "valid input using cpu accelerator"),
+        (["trainer.accelerator=cpu", "trainer.devices=0"],
+         "trainer: Lightning refuses this configuration: `Trainer(devices=0)` value is not a valid input using cpu"),
     ],
 )
 def test_a_trainer_option_lightning_cannot_take_is_one_line_naming_it(tmp_path, monkeypatch, overrides, message):
