@@ -53,6 +53,15 @@ def test_a_file_that_is_not_a_checkpoint_names_it_and_what_is_accepted(tmp_path)
     assert "\n" not in message and "weights_only" not in message and "file an issue" not in message
 
 
+def test_resuming_from_a_file_that_is_not_a_checkpoint_names_it(tmp_path):
+    png = save(tmp_path / "photo.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as exc:
+        run_task(train, compose_config("train", [*TINY, f"ckpt_path={png}"], tmp_path / "run"))
+    message = str(exc.value)
+    assert message.startswith(f"error: ckpt_path={png} is not a checkpoint torch can read (")
+    assert "\n" not in message and "weights_only" not in message
+
+
 def test_a_run_refused_before_it_wrote_anything_leaves_no_folder(tmp_path):
     run_dir = tmp_path / "runs" / "refused"
     result = run_script("train.py", *TINY, "trainer.max_steps=abc", f"hydra.run.dir={run_dir}")

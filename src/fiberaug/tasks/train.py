@@ -72,6 +72,14 @@ def checkpoint_path(cfg: DictConfig, run: Run) -> Path | None:
         raise UserError(
             f"ckpt_path={ckpt_path} is not a file; pass a run's checkpoints/last.ckpt to resume, or ckpt_path=last"
         )
+    if ckpt_path:
+        try:  # mapped, not read: only the file's structure is checked here
+            torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch's own text is meant for pickles it refuses, and says to file an issue
+            raise UserError(
+                f"ckpt_path={ckpt_path} is not a checkpoint torch can read ({type(exc).__name__}); pass a run's "
+                "checkpoints/last.ckpt to resume, or ckpt_path=last"
+            ) from exc
     return Path(ckpt_path) if ckpt_path else None
 
 
