@@ -8,14 +8,16 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fiberaug.errors import UserError
 from fiberaug.runs import RECORD
+
+if TYPE_CHECKING:  # Hydra builds SweepSummary for every script: augment.py starts without Lightning
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
