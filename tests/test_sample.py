@@ -115,5 +115,5 @@ def test_existing_samples_are_not_overwritten(trained_run, tmp_path):
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.ckpt").write_text("hello")
     cfg = compose_config("sample", [f"ckpt_path={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}"])
-    with pytest.raises(SystemExit, match="could not be read as a checkpoint"):
+    with pytest.raises(SystemExit, match=r"is not a FiberAug checkpoint \(a \.ckpt written by train\.py\) or export"):
         run_task(sample, cfg)

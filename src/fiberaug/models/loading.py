@@ -18,12 +18,13 @@ from fiberaug.models.base import GenerativeModule
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A FiberAug checkpoint's contents; anything else is refused with a one-line error naming the file."""
+    refused = f"ckpt_path={path} is not a FiberAug checkpoint (a .ckpt written by train.py) or export folder"
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for files that are not checkpoints
-        raise UserError(f"ckpt_path={path} could not be read as a checkpoint: {exc}") from exc
+    except Exception as exc:  # torch raises several types, with long texts meant for pickles it refuses
+        raise UserError(f"{refused}: torch cannot read it ({type(exc).__name__})") from exc
     if not isinstance(checkpoint, dict) or not checkpoint.get("fiberaug"):
-        raise UserError(f"ckpt_path={path} is not a FiberAug checkpoint (it has no 'fiberaug' entry)")
+        raise UserError(f"{refused}: it has no 'fiberaug' entry")
     return checkpoint
 
 

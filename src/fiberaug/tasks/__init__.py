@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +45,44 @@ if not OmegaConf.has_resolver("fiberaug.job_name"):
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
 
 
+# What Hydra writes into every run folder before the task starts (besides the log its job_logging names).
+HYDRA_FILES = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+
+
+def remove_unused_run_dir() -> None:
+    """Remove the files Hydra wrote for this run, and its then empty folder, when that is all the folder holds: a
+    run refused before it did anything leaves no folder behind. Nothing else is ever removed, and a folder holding
+    anything else is left whole."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None) or "")
+    if not run_dir.is_absolute() or run_dir.is_symlink() or not run_dir.is_dir():
+        return  # no run folder (a config composed in a test)
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        return  # the folder the command runs in
+    log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", default=None)
+    meta = run_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+    files = [Path(log_file)] if log_file and Path(log_file).parent == run_dir else []
+    for entry in run_dir.iterdir():
+        if entry == meta and entry.is_dir() and not entry.is_symlink():
+            inside = list(entry.iterdir())
+            if any(p.name not in HYDRA_FILES or not p.is_file() or p.is_symlink() for p in inside):
+                return
+            files += inside
+        elif entry not in files or not entry.is_file() or entry.is_symlink():
+            return
+    for file in files:
+        file.unlink(missing_ok=True)
+    for folder in (meta, run_dir):
+        if folder is not None:
+            with contextlib.suppress(OSError):  # not empty after all: kept
+                os.rmdir(folder)
+
+
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run `task`; a `UserError`, even one wrapped by Hydra's instantiate, exits with its one-line message."""
+    """Run `task`; a `UserError`, even one wrapped by Hydra's instantiate, exits with its one-line message, and
+    removes the run's folder when the run wrote nothing there."""
     try:
         return task(cfg)
     except Exception as exc:
@@ -53,4 +91,5 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             cause = cause.__cause__
         if cause is None:
             raise
+        remove_unused_run_dir()
         raise SystemExit(f"error: {cause}") from None

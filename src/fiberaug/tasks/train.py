@@ -17,13 +17,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from fiberaug.console import quiet_lightning, summarise
 from fiberaug.errors import UserError
 from fiberaug.runs import Run, find_last_checkpoint, identifying
+from fiberaug.tasks.trainer_options import build_trainer, check_trainer_options
 
 log = logging.getLogger(__name__)
 
 # FiberAug's DataModules resume inside an epoch themselves (their state_dict), which this warning cannot see.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+quiet_lightning()
 
 # Besides the model's and the loss's options, what HPARAMS shows of the data.
 HPARAMS_DATA_KEYS = ("image_size", "channels", "batch_size", "resize_policy", "crop_scale", "labels")
@@ -69,6 +72,14 @@ def checkpoint_path(cfg: DictConfig, run: Run) -> Path | None:
         raise UserError(
             f"ckpt_path={ckpt_path} is not a file; pass a run's checkpoints/last.ckpt to resume, or ckpt_path=last"
         )
+    if ckpt_path:
+        try:  # mapped, not read: only the file's structure is checked here
+            torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch's own text is meant for pickles it refuses, and says to file an issue
+            raise UserError(
+                f"ckpt_path={ckpt_path} is not a checkpoint torch can read ({type(exc).__name__}); pass a run's "
+                "checkpoints/last.ckpt to resume, or ckpt_path=last"
+            ) from exc
     return Path(ckpt_path) if ckpt_path else None
 
 
@@ -209,6 +220,7 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
 
+    check_trainer_options(cfg.trainer, passed=("callbacks", "logger"))
     model_options = loss_option(cfg)
     # Plain containers: the DataModule's arguments go into checkpoints, which load with weights_only=True.
     datamodule = instantiate(cfg.data, augment=cfg.get("augment"), _recursive_=False, _convert_="all")
@@ -221,10 +233,10 @@ def train(cfg: DictConfig) -> float | None:
     metric = cfg.get("optimized_metric")
     check_optimized_metric(metric, declared_metrics(model, callbacks))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = build_trainer(lambda: instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer.precision),
         **strategy_option(cfg.trainer, model),
-    )
+    ))
     if is_sweep_job():
         refuse_relaunch_in_sweep(trainer)
     if trainer.is_global_zero:
@@ -234,6 +246,8 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(params)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        summarise(trainer, run.dir)
     resumed_from = str(ckpt_path) if ckpt_path else None
     try:
         value = optimized_value(trainer, metric)
