@@ -3,7 +3,8 @@
 from fiberaug.callbacks.checkpoint import ModelCheckpoint
 from fiberaug.callbacks.ema import EMA
 from fiberaug.callbacks.metrics import SampleMetrics
+from fiberaug.callbacks.reconstruction_grid import ReconstructionGrid
 from fiberaug.callbacks.sample_grid import SampleGrid
 from fiberaug.callbacks.validation import FinalValidation
 
-__all__ = ["EMA", "FinalValidation", "ModelCheckpoint", "SampleGrid", "SampleMetrics"]
+__all__ = ["EMA", "FinalValidation", "ModelCheckpoint", "ReconstructionGrid", "SampleGrid", "SampleMetrics"]
