@@ -52,9 +52,17 @@ def _tiny_module(**options) -> AutoencoderModule:
     return AutoencoderModule(image_size=16, channels=1, **{k: v for k, v in config.items() if k[0] != "_"} | options)
 
 
-def test_a_tiny_run_trains_validates_and_exports_a_plain_diffusers_folder(tmp_path):
-    cfg = compose_config("train", [*AE_TINY, "model.disc_start=3", "optimized_metric=val/psnr"], tmp_path)
-    value = train(cfg)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """A tiny run whose discriminator starts at its 4th batch, and the value it returned for `val/psnr`."""
+    run_dir = tmp_path_factory.mktemp("autoencoder")
+    value = train(compose_config("train", [*AE_TINY, "model.disc_start=3", "optimized_metric=val/psnr"], run_dir))
+    return run_dir, value
+
+
+def test_a_tiny_run_trains_validates_and_exports_a_plain_diffusers_folder(tiny_run):
+    tmp_path, value = tiny_run
+    cfg = compose_config("train", [*AE_TINY, "model.disc_start=3"])
     ckpt = _checkpoint(tmp_path)
     # Five batches an epoch: batches 1-3 step the autoencoder, 4-7 both networks, so step 11 ends the run.
     assert ckpt["global_step"] == 11 and ckpt["autoencoder"] == {"autoencoder_steps": 7}
@@ -107,6 +115,21 @@ def test_the_discriminator_is_untouched_before_its_start_step_and_trained_after(
     weights = {k for k, _ in PatchDiscriminator(1, 16, base_channels=8, n_layers=1).named_parameters()
                if k.endswith("weight")}
     assert weights <= set(batches[3]["changed"]) and any("running_mean" in k for k in batches[3]["changed"])
+
+
+def test_a_run_resumed_across_the_discriminator_start_ends_bit_identical(tmp_path, tiny_run):
+    """Stopped at step 5 (the 4th batch, the discriminator's first), resumed to the end: the counters, the random
+    streams and both optimizers carry over."""
+    overrides = [*AE_TINY, "model.disc_start=3"]
+    train(compose_config("train", [*overrides, "trainer.max_steps=5"], tmp_path / "first"))
+    resume = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_config("train", [*overrides, f"ckpt_path={resume}"], tmp_path / "resumed"))
+    whole, resumed = _checkpoint(tiny_run[0]), _checkpoint(tmp_path / "resumed")
+    assert resumed["autoencoder"] == whole["autoencoder"] == {"autoencoder_steps": 7}
+    assert all(torch.equal(v, resumed["state_dict"][k]) for k, v in whole["state_dict"].items())
+    for opt_whole, opt_resumed in zip(whole["optimizer_states"], resumed["optimizer_states"], strict=True):
+        for i, state in opt_whole["state"].items():
+            assert all(torch.equal(v, opt_resumed["state"][i][k]) for k, v in state.items())
 
 
 @pytest.fixture
