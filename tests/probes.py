@@ -98,3 +98,33 @@ def _other_png(path: Path) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class DiscriminatorProbe(pl.Callback):
+    """Saves to `dirpath/discriminator.pt`, after every training batch: the autoencoder steps and optimizer steps so
+    far, how often the discriminator ran in that batch, and whether its weights or BatchNorm statistics differ from
+    those it started training with (an `AutoencoderModule`'s)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.batches: list[dict[str, Any]] = []
+        self.calls = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.initial = {k: v.detach().clone() for k, v in pl_module.discriminator.state_dict().items()}
+        pl_module.discriminator.register_forward_hook(lambda *args: setattr(self, "calls", self.calls + 1))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           idx: int) -> None:
+        state = pl_module.discriminator.state_dict()
+        self.batches.append({
+            "autoencoder_steps": pl_module.autoencoder_steps,
+            "global_step": trainer.global_step,
+            "calls": self.calls,
+            "changed": sorted(k for k, v in self.initial.items() if not torch.equal(v, state[k])),
+        })
+        self.calls = 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(self.batches, self.dirpath / "discriminator.pt")

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fiberaug.callbacks.common import evaluation_model
 from fiberaug.imaging import labelled_grid, save_png, to_uint8
+from fiberaug.models.base import GenerativeModule
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ class SampleGrid(pl.Callback):
     folder's epochs are a step or two long), and a run that ends before it draws its final grid with
     `short_run_steps` sampler steps. Each grid says in the log what it draws and how long it took.
     """
+
+    #: How the log names the picture, and its TensorBoard tag.
+    name = "sample grid"
+    tag = "samples"
 
     def __init__(
         self,
@@ -73,19 +79,22 @@ class SampleGrid(pl.Callback):
         if trainer.global_step == self._last_step or not trainer.is_global_zero:
             return
         self._last_step = trainer.global_step
-        model = evaluation_model(trainer, pl_module)
+        start = time.perf_counter()
+        grid = self.draw(trainer, evaluation_model(trainer, pl_module), final)
+        path = self.dirpath / f"epoch{self._epoch:04d}-step{trainer.global_step:07d}.png"
+        save_png(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(self.tag, grid, trainer.global_step, dataformats="HWC")
+        log.info("%s: %s in %.1f s", self.name, path, time.perf_counter() - start)
+
+    def draw(self, trainer: pl.Trainer, model: GenerativeModule, final: bool) -> np.ndarray:
+        """The picture: `num_samples` samples from seed `seed`, one column per class, as an H×W×C uint8 array."""
         options = dict(self.sample_options)
         how = ""
         if final and trainer.global_step < self.min_steps and "steps" in model.sampling_options:
             options.setdefault("steps", self.short_run_steps)
             how = f" with {options['steps']} sampler steps (a run shorter than callbacks.sample_grid.min_steps)"
         log.info("sample grid: drawing %d samples%s…", self.num_samples, how)
-        start = time.perf_counter()
         images = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **options)
-        grid = labelled_grid(to_uint8(images), model.label_names())
-        path = self.dirpath / f"epoch{self._epoch:04d}-step{trainer.global_step:07d}.png"
-        save_png(grid, path)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HWC")
-        log.info("sample grid: %s in %.1f s", path, time.perf_counter() - start)
+        return labelled_grid(to_uint8(images), model.label_names())

@@ -1,5 +1,5 @@
-"""What every FiberAug model shares: class names, seeded batched sampling, and self-describing checkpoints
-that carry the random state an exact resume needs."""
+"""What every FiberAug model shares: self-describing checkpoints that carry the random state an exact resume needs;
+and what every generative one shares besides: class names and seeded batched sampling."""
 
 from __future__ import annotations
 
@@ -17,20 +17,62 @@ from fiberaug.seeding import derive_seed, rng_states, set_rng_states
 Label = int | str
 
 
-class GenerativeModule(pl.LightningModule):
+class FiberAugModule(pl.LightningModule):
+    """A LightningModule whose checkpoints name their class, FiberAug's version and the data that trained it, and
+    carry the random streams, so that a resumed run continues exactly and a checkpoint rebuilds its own model."""
+
+    #: The names this module logs, so that `train.py` can refuse an `optimized_metric` nothing will log.
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resumed_rng: dict[str, Any] | None = None
+
+    def fused(self) -> dict[str, bool]:
+        """`fused=True` for torch's Adam/AdamW on CUDA: one kernel for the whole update instead of several per
+        tensor (and no host-side step counters); elsewhere the default."""
+        return {"fused": True} if self.device.type == "cuda" else {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["fiberaug"] = {
+            "module": f"{cls.__module__}.{cls.__qualname__}",
+            "version": fiberaug.__version__,
+            "rng": rng_states(),
+        }
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if hasattr(datamodule, "record"):  # which images trained it, for evaluation and the utility task
+            checkpoint["fiberaug"]["data"] = datamodule.record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_rng = checkpoint.get("fiberaug", {}).get("rng")
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams where the checkpoint left them (timesteps, noise, dropout).
+
+        Restored here, after the sanity check and the data loaders' start, neither of which draws from them.
+        Under DDP every rank was seeded alike and would draw the same noise and timesteps for its different
+        images; ranks other than 0 start a stream of their own from (seed, rank, step) instead. A checkpoint
+        holds rank 0's streams, so rank 0 resumes exactly and the other ranks from that derived seed.
+        """
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+        if self.global_rank > 0:
+            torch.manual_seed(derive_seed(torch.initial_seed(), self.global_rank, self.global_step))
+
+
+class GenerativeModule(FiberAugModule):
     """A LightningModule that generates images; subclasses implement `generate` for one batch."""
 
     #: Keyword options of `generate` that `sample.py` may pass on (e.g. `steps` for diffusion).
     sampling_options: tuple[str, ...] = ()
-    #: The names this module logs, so that `train.py` can refuse an `optimized_metric` nothing will log.
-    metric_names: tuple[str, ...] = ()
 
     def __init__(self, class_names: Sequence[str] = (), channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         self.class_names = list(class_names)
         self.channels_last = channels_last
         self.compile_networks = compile
-        self._resumed_rng: dict[str, Any] | None = None
 
     def networks(self) -> list[torch.nn.Module]:
         """The networks that `channels_last` and `compile` apply to."""
@@ -49,11 +91,6 @@ class GenerativeModule(pl.LightningModule):
     def memory_format(self, images: torch.Tensor) -> torch.Tensor:
         """A training batch in the networks' memory format (NHWC with `channels_last`)."""
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-    def fused(self) -> dict[str, bool]:
-        """`fused=True` for torch's Adam/AdamW on CUDA: one kernel for the whole update instead of several per
-        tensor (and no host-side step counters); elsewhere the default."""
-        return {"fused": True} if self.device.type == "cuda" else {}
 
     @property
     def num_classes(self) -> int:
@@ -136,31 +173,3 @@ class GenerativeModule(pl.LightningModule):
                 bar.update(stop - start)
         self.train(was_training)
         return torch.cat(batches)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint["fiberaug"] = {
-            "module": f"{cls.__module__}.{cls.__qualname__}",
-            "version": fiberaug.__version__,
-            "rng": rng_states(),
-        }
-        datamodule = getattr(self._trainer, "datamodule", None)
-        if hasattr(datamodule, "record"):  # which images trained it, for evaluation and the utility task
-            checkpoint["fiberaug"]["data"] = datamodule.record()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_rng = checkpoint.get("fiberaug", {}).get("rng")
-
-    def on_train_start(self) -> None:
-        """A resumed run continues the random streams where the checkpoint left them (timesteps, noise, dropout).
-
-        Restored here, after the sanity check and the data loaders' start, neither of which draws from them.
-        Under DDP every rank was seeded alike and would draw the same noise and timesteps for its different
-        images; ranks other than 0 start a stream of their own from (seed, rank, step) instead. A checkpoint
-        holds rank 0's streams, so rank 0 resumes exactly and the other ranks from that derived seed.
-        """
-        if self._resumed_rng is not None:
-            set_rng_states(self._resumed_rng)
-            self._resumed_rng = None
-        if self.global_rank > 0:
-            torch.manual_seed(derive_seed(torch.initial_seed(), self.global_rank, self.global_step))

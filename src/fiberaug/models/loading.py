@@ -47,6 +47,11 @@ def load_generator(
     checkpoint = read_checkpoint(path, map_location)
     module_name, _, class_name = checkpoint["fiberaug"]["module"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
+    if not issubclass(cls, GenerativeModule):
+        raise UserError(
+            f"ckpt_path={path} holds {class_name}, which does not generate images; pass a generative model's "
+            "checkpoint (an autoencoder's run serves latent diffusion through its export/: model.autoencoder=…)"
+        )
     model = cls(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)

@@ -83,6 +83,19 @@ def checkpoint_path(cfg: DictConfig, run: Run) -> Path | None:
     return Path(ckpt_path) if ckpt_path else None
 
 
+def build_callbacks(configs: DictConfig | None) -> list[pl.Callback]:
+    """The configured callbacks. An entry with options but no `_target_` is one that the model's config removed (set
+    to null) and a later config gave options again (`debug=fast` tunes `callbacks.metrics`, which `model=autoencoder`
+    removes): it stays removed, and the log says so."""
+    callbacks = []
+    for name, config in (configs or {}).items():
+        if config and "_target_" not in config:
+            log.info("callbacks.%s has options but no _target_ (removed by the model's config): not used", name)
+        elif config:
+            callbacks.append(instantiate(config))
+    return callbacks
+
+
 def declared_metrics(model: pl.LightningModule, callbacks: list[pl.Callback]) -> list[str]:
     """The names the model and the callbacks say they log (their `metric_names`)."""
     return [name for source in (model, *callbacks) for name in getattr(source, "metric_names", ())]
@@ -229,7 +242,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.model, image_size=datamodule.image_size, channels=datamodule.channels, class_names=datamodule.class_names,
         **model_options,
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = build_callbacks(cfg.get("callbacks"))
     metric = cfg.get("optimized_metric")
     check_optimized_metric(metric, declared_metrics(model, callbacks))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
