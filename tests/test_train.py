@@ -148,7 +148,8 @@ def test_a_run_shorter_than_min_steps_skips_the_extras_and_draws_a_quick_final_g
     calls = []
     sample = GenerativeModule.sample
     monkeypatch.setattr(GenerativeModule, "sample", lambda model, n, **kw: calls.append(kw) or sample(model, n, **kw))
-    overrides = [*TINY, "callbacks.sample_grid.min_steps=500", "callbacks.metrics.min_steps=500"]
+    overrides = [*TINY, "callbacks.sample_grid.min_steps=500", "callbacks.metrics.min_steps=500",
+                 "~callbacks.sample_grid.steps"]
     with caplog.at_level(logging.INFO):
         train(compose_config("train", overrides, tmp_path))
     assert [call.get("steps") for call in calls] == [10]  # the final grid only

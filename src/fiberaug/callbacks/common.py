@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -22,3 +24,9 @@ def validates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     datamodule = trainer.datamodule
     held_back = len(datamodule.val_set) > 0 if getattr(datamodule, "val_set", None) is not None else True
     return is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0 and held_back
+
+
+def sampling_options(model: GenerativeModule, options: dict[str, Any]) -> dict[str, Any]:
+    """Those of a callback's sampling options that `model` takes (`steps` for diffusion, none for a GAN), so one
+    callback config serves every model."""
+    return {key: value for key, value in options.items() if key in model.sampling_options}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from fiberaug.callbacks.common import evaluation_model, validates
+from fiberaug.callbacks.common import evaluation_model, sampling_options, validates
 from fiberaug.metrics import CHEAP, evaluate_images
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class SampleMetrics(pl.Callback):
             start = time.perf_counter()
             reference = self._reference_images(trainer)
             model = evaluation_model(trainer, pl_module)
-            fake = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples, **self.sample_options)
+            fake = model.sample(self.num_samples, seed=self.seed, batch_size=self.num_samples,
+                                **sampling_options(model, self.sample_options))
             labels = model.label_indices(None, self.num_samples)
             values = evaluate_images(
                 reference["real"], fake, train=reference["train"], real_labels=reference["labels"],

@@ -11,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from fiberaug.callbacks.common import evaluation_model
+from fiberaug.callbacks.common import evaluation_model, sampling_options
 from fiberaug.imaging import labelled_grid, save_png, to_uint8
 from fiberaug.models.base import GenerativeModule
 
@@ -90,7 +90,7 @@ class SampleGrid(pl.Callback):
 
     def draw(self, trainer: pl.Trainer, model: GenerativeModule, final: bool) -> np.ndarray:
         """The picture: `num_samples` samples from seed `seed`, one column per class, as an H×W×C uint8 array."""
-        options = dict(self.sample_options)
+        options = sampling_options(model, self.sample_options)
         how = ""
         if final and trainer.global_step < self.min_steps and "steps" in model.sampling_options:
             options.setdefault("steps", self.short_run_steps)
