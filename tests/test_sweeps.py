@@ -164,8 +164,9 @@ def test_an_optimized_metric_never_logged_fails_after_training(tmp_path):
 
 
 def test_a_sweep_job_without_its_metric_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
-    result = run_script("train.py", "-m", *SHORT, "callbacks.metrics.every_n_epochs=5,1", "optimized_metric=val/swd",
-                        f"hydra.sweep.dir={tmp_path}")
+    one_epoch = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"]
+    result = run_script("train.py", "-m", *one_epoch, "callbacks.metrics.every_n_epochs=5,1",
+                        "optimized_metric=val/swd", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     failed, finished = _record(tmp_path / "0"), _record(tmp_path / "1")
     assert failed["status"] == "failed" and "val/swd was never logged" in failed["error"]
