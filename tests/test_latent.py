@@ -60,6 +60,9 @@ def test_the_autoencoder_is_frozen_and_bit_identical_after_training(latent_run):
     before = AutoencoderKL.from_pretrained(autoencoder).state_dict()
     assert before.keys() == record["autoencoder"].keys()
     assert all(torch.equal(v, record["autoencoder"][k]) for k, v in before.items())
+    # Lightning keeps each module's mode through fit; sampling during training and users call train() on the whole.
+    model = load_generator(run_dir / "checkpoints" / "last.ckpt").train()
+    assert model.net.training and not model.autoencoder.training
 
 
 def test_checkpoints_reference_the_autoencoder_instead_of_copying_it(latent_run):
