@@ -3,17 +3,22 @@ checkpoints that reference the autoencoder, the export that plain diffusers samp
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, compose_config, tiny_autoencoder
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from hydra.utils import instantiate
 
+from fiberaug.errors import UserError
 from fiberaug.models import load_generator
 from fiberaug.models.diffusion import DiffusionModule
 from fiberaug.nets.autoencoder_kl import folder_sha256, latent_scale
+from fiberaug.seeding import derive_seed
 from fiberaug.tasks.train import train
 
 PROBE = ["+callbacks.probe._target_=probes.LatentProbe"]
@@ -109,3 +114,76 @@ def test_the_folders_scaling_and_shift_factors_are_used_when_it_gives_them(tmp_p
         assert torch.allclose(model.encode(images, torch.Generator().manual_seed(0)), (latents - 0.1) * 0.5)
         decoded = vae.decode(latents / 0.5 + 0.1).sample.clamp(-1, 1)
         assert torch.allclose(model.decode(latents), decoded, atol=1e-6)
+
+
+UNET = ["model=diffusers", "model.denoiser.block_out_channels=[16,32]", "model.denoiser.attention=[false,true]"]
+
+
+def test_the_export_reproduces_fiberaugs_samples_in_plain_diffusers(tmp_path):
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder")
+    overrides = [*UNET, "data.labels=none"]
+    train(compose_config("train", [*(o for o in TINY if not o.startswith("model.denoiser")), *overrides,
+                                   f"model.autoencoder={autoencoder}"], tmp_path / "run"))
+    export = tmp_path / "run" / "export"
+    assert {p.name for p in export.iterdir()} >= {"unet", "scheduler", "vae", "fiberaug.json"}
+    metadata = json.loads((export / "fiberaug.json").read_text())
+    assert metadata["autoencoder"]["sha256"] == folder_sha256(autoencoder)
+    fiberaug = DiffusionModule.from_export(export).sample(2, seed=3, steps=4)
+    checkpoint = load_generator(tmp_path / "run" / "checkpoints" / "last.ckpt").sample(2, seed=3, steps=4)
+    assert fiberaug.shape == (2, 1, 8, 8) and torch.allclose(fiberaug, checkpoint, atol=1e-5)
+
+    # Plain diffusers: the UNet and the scheduler denoise latents with DDIM, the autoencoder decodes latents / scale.
+    unet = UNet2DModel.from_pretrained(export, subfolder="unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(export, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(export, subfolder="vae").eval()
+    assert vae.config.scaling_factor == pytest.approx(metadata["autoencoder"]["scaling_factor"])
+    scheduler.set_timesteps(4)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(3, i)))
+                           for i in range(2)])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            prediction = unet(latents, t).sample
+            latents = scheduler.step(prediction, t, latents, eta=0.0, use_clipped_model_output=True).prev_sample
+        images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    assert torch.allclose(images, fiberaug, atol=1e-5)
+
+
+def _error(**options) -> str:
+    with pytest.raises(UserError) as error:
+        DiffusionModule(CONTEXT_UNET, **{"image_size": 8, "channels": 1} | options)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_what_cannot_serve_as_the_autoencoder_is_a_one_line_error(tmp_path):
+    unet = tmp_path / "unet"
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(unet)
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder")
+    assert _error(autoencoder=str(tmp_path / "missing")).startswith(
+        f"model.autoencoder={tmp_path / 'missing'} is not a folder; pass a diffusers AutoencoderKL folder")
+    assert _error(autoencoder=str(unet)).startswith(
+        f"model.autoencoder={unet} holds a UNet2DModel, not an AutoencoderKL; pass a diffusers AutoencoderKL folder")
+    assert _error(autoencoder=str(autoencoder), channels=3) == (
+        f"model.autoencoder={autoencoder} takes 1 channels, the data has 3: set data.channels=1")
+    assert _error(autoencoder=str(autoencoder), image_size=9) == (
+        f"data.image_size=9 does not fit model.autoencoder={autoencoder} (f=2): it takes multiples of 2")
+
+
+def test_a_checkpoint_names_a_changed_or_missing_autoencoder(tmp_path, caplog):
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder", scaling_factor=1.0)
+    _train(tmp_path / "run", autoencoder, "trainer.max_steps=1")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING):
+        load_generator(ckpt)
+    assert "changed" not in caplog.text
+    config = json.loads((autoencoder / "config.json").read_text())
+    (autoencoder / "config.json").write_text(json.dumps(config | {"scaling_factor": 2.0}))
+    with caplog.at_level(logging.WARNING):
+        load_generator(ckpt)
+    warning = f"model.autoencoder={autoencoder.resolve()} changed since this checkpoint was saved (sha256 "
+    assert warning in caplog.text and len([r for r in caplog.records if warning in r.message]) == 1
+    shutil.rmtree(autoencoder)
+    with pytest.raises(UserError, match=f"^model.autoencoder={autoencoder.resolve()} is not a folder; pass a "):
+        load_generator(ckpt)

@@ -310,7 +310,18 @@ class DiffusionModule(GenerativeModule):
         if hasattr(self.net, "save_pretrained") and self.trainer.is_global_zero:
             folder = Path(self.trainer.default_root_dir) / "export"
             self.net.save_pretrained(folder, self.noise_scheduler, self.export_metadata(), self.hparams.merge_lora)
+            if self.autoencoder is not None:
+                for pipeline in (folder, folder / "merged"):
+                    if pipeline.is_dir():
+                        self.export_autoencoder(pipeline / "vae")
             log.info("exported the model to %s", folder)
+
+    def export_autoencoder(self, folder: Path) -> None:
+        """The autoencoder as a diffusers folder beside the UNet, its config holding the scale and shift used."""
+        self.autoencoder.save_pretrained(str(folder), safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config |= {"scaling_factor": self.latent_scale.item(), "shift_factor": self.latent_shift or None}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     def export_metadata(self) -> dict[str, Any]:
         """What a diffusers folder does not hold: class names, sampling defaults, and the base of a LoRA adapter."""
@@ -323,13 +334,19 @@ class DiffusionModule(GenerativeModule):
             "schedule": self.hparams.schedule,
             "sampling": self.sampling,
             "base": base,
+            "autoencoder": None if self.autoencoder is None else {
+                **self.autoencoder_record,
+                "scaling_factor": self.latent_scale.item(),
+                "shift_factor": self.latent_shift,
+            },
         }
 
     @classmethod
     def from_export(cls, folder: str | Path, adapter: str | Path | None = None) -> DiffusionModule:
         """A model from a diffusers export folder, plus a LoRA adapter folder when given.
 
-        A LoRA run's export holds only the adapter; its base is the folder recorded in `fiberaug.json`.
+        A LoRA run's export holds only the adapter; its base is the folder recorded in `fiberaug.json`. A latent
+        diffusion export holds its autoencoder in `vae/`.
         """
         from fiberaug.nets.diffusers_unet import read_metadata
 
@@ -344,16 +361,20 @@ class DiffusionModule(GenerativeModule):
             raise UserError(f"{folder} is not a diffusers export (no unet/ and scheduler/); pass a .ckpt or an export/")
         unet_config, scheduler_config = json.loads(unet_path.read_text()), json.loads(scheduler_path.read_text())
         num_classes = max(0, (unet_config.get("num_class_embeds") or 0) - 1)
+        vae_path = folder / "vae" / "config.json"
+        vae_config = json.loads(vae_path.read_text()) if vae_path.is_file() else None
+        f = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 1
         model = cls(
             denoiser={"_target_": "fiberaug.nets.diffusers_unet.diffusers_unet"},
-            image_size=unet_config["sample_size"],
-            channels=unet_config["in_channels"],
+            image_size=unet_config["sample_size"] * f,
+            channels=vae_config["in_channels"] if vae_config else unet_config["in_channels"],
             class_names=meta.get("class_names", [str(i) for i in range(num_classes)]),
             schedule=meta.get("schedule") or _schedule_name(scheduler_config, folder),
             num_train_timesteps=scheduler_config["num_train_timesteps"],
             sampling=meta.get("sampling"),
             pretrained=str(folder),
             prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            autoencoder=str(folder / "vae") if vae_config else None,
         )
         if adapter:
             model.net.load_adapter(Path(adapter).expanduser())
