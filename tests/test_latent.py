@@ -19,6 +19,7 @@ from fiberaug.models import load_generator
 from fiberaug.models.diffusion import DiffusionModule
 from fiberaug.nets.autoencoder_kl import folder_sha256, latent_scale
 from fiberaug.seeding import derive_seed
+from fiberaug.tasks.sample import lighten_decoding
 from fiberaug.tasks.train import train
 
 PROBE = ["+callbacks.probe._target_=probes.LatentProbe"]
@@ -187,3 +188,13 @@ def test_a_checkpoint_names_a_changed_or_missing_autoencoder(tmp_path, caplog):
     shutil.rmtree(autoencoder)
     with pytest.raises(UserError, match=f"^model.autoencoder={autoencoder.resolve()} is not a folder; pass a "):
         load_generator(ckpt)
+
+
+@pytest.mark.parametrize(("image_size", "tiled"), [(8, False), (16, True)])
+def test_sampling_decodes_one_image_at_a_time_and_tiles_images_larger_than_the_autoencoders(
+    tmp_path, image_size, tiled
+):
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder", scaling_factor=1.0)  # built for 8 px
+    model = DiffusionModule(CONTEXT_UNET, image_size=image_size, channels=1, autoencoder=str(autoencoder))
+    lighten_decoding(model)
+    assert model.autoencoder.use_slicing and model.autoencoder.use_tiling == tiled
