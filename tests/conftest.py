@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -111,3 +113,24 @@ def augment_config(input_dir: Path, output_dir: Path, *overrides: str) -> DictCo
     """augment.py's config (conf/batch/augment.yaml), in this process and with one worker unless overridden."""
     return compose_config("augment", [f"input_dir={input_dir}", f"output_dir={output_dir}", "workers=1", *overrides],
                           conf=CONF / "batch")
+
+
+def tiny_autoencoder(
+    folder: Path, channels: int = 1, scaling_factor: float | None = None, shift_factor: float | None = None
+) -> Path:
+    """A tiny AutoencoderKL folder (f=2, 4 latent channels, random weights), its config.json with `scaling_factor`
+    and `shift_factor` or, where None, without them (as a folder that gives none)."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=8,
+        )
+    vae.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2))
+    return folder

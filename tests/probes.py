@@ -128,3 +128,30 @@ class DiscriminatorProbe(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(self.batches, self.dirpath / "discriminator.pt")
+
+
+class LatentProbe(pl.Callback):
+    """Saves to `dirpath/latent.pt` what a latent diffusion run did with its autoencoder: the shapes the denoiser
+    took and gave, whether the autoencoder was ever in training mode or trainable, how many tensors the optimizer
+    held, and the autoencoder's weights once fitting ended (after the EMA swapped its average in)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.record: dict[str, Any] = {"autoencoder_training": False}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def shapes(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.record.setdefault("net_in", tuple(args[0].shape))
+            self.record.setdefault("net_out", tuple(output.shape))
+
+        pl_module.net.register_forward_hook(shapes)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.record["autoencoder_training"] |= pl_module.autoencoder.training
+        self.record["optimized"] = sum(len(g["params"]) for g in trainer.optimizers[0].param_groups)
+        self.record["trainable"] = sum(p.requires_grad for p in pl_module.parameters())
+        self.record["autoencoder_trainable"] = any(p.requires_grad for p in pl_module.autoencoder.parameters())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["autoencoder"] = {k: v.clone() for k, v in pl_module.autoencoder.state_dict().items()}
+        torch.save(self.record, self.dirpath / "latent.pt")

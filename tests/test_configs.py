@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, compose_config
+from conftest import CONF, compose_config, tiny_autoencoder
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -42,6 +42,9 @@ NEEDS = {
     "experiment=fibres128_unet": ["data.root=unused"],
     "experiment=fibres128_lora": ["data.root=unused", "model.lora_on_random_base=true"],
     "experiment=fibres128_autoencoder": ["data.root=unused"],
+    "experiment=fibres128_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
+    "experiment=fibres256_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
+    "experiment=fibres512_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
 }
 
 
@@ -57,7 +60,11 @@ def test_groups_have_options():
     + ["~logger", "~callbacks.ema"],
 )
 def test_every_group_option_composes_and_builds(tmp_path, override):
-    cfg = compose_config("train", [*override.split(), *NEEDS.get(override, [])], tmp_path)
+    autoencoder = tmp_path / "autoencoder"  # a tiny RGB one (f=2), built only where an option needs one
+    needs = [need.format(autoencoder=autoencoder) for need in NEEDS.get(override, [])]
+    if any(str(autoencoder) in need for need in needs):
+        tiny_autoencoder(autoencoder, channels=3)
+    cfg = compose_config("train", [*override.split(), *needs], tmp_path)
     _build_training_objects(cfg)
 
 
@@ -82,3 +89,13 @@ def test_slurm_launcher_config_extends_the_plugins_own():
     assert launcher.tasks_per_node == 4 and launcher.signal_delay_s == 120  # ours, and the plugin's default
     with pytest.raises(Exception, match="partiton"):
         compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partiton=gpu"])
+
+
+@pytest.mark.parametrize("preset", ["fibres256_ldm", "fibres512_ldm"])
+def test_latent_presets_say_what_to_pass_without_an_autoencoder(tmp_path, preset):
+    from fiberaug.tasks import run_task
+    from fiberaug.tasks.train import train
+
+    with pytest.raises(SystemExit, match=r"error: model.autoencoder is not set: pass model.autoencoder=PATH, an "
+                                         r"AutoencoderKL folder \(train one with experiment=fibres128_autoencoder"):
+        run_task(train, compose_config("train", [f"experiment={preset}", f"data.root={tmp_path}"], tmp_path))

@@ -16,7 +16,8 @@ class EMA(WeightAveraging):
     torch's `AveragedModel.update_parameters` asks the device whether it has averaged yet (`n_averaged == 0`)
     at every update, a host-device sync that stalls every training step on a GPU. Here the average starts as
     the initial weights (Lightning copies the model when training starts) and only trainable weights move, so
-    frozen ones (a LoRA base) stay bit-identical; buffers are copied, so the average never swaps stale ones in.
+    frozen ones (a LoRA base, an autoencoder) stay bit-identical; buffers are copied after every step and before
+    every validation, so the average never swaps stale ones in (a latent scale estimated when fitting starts).
     """
 
     def __init__(self, decay: float = 0.999) -> None:
@@ -35,7 +36,16 @@ class EMA(WeightAveraging):
         with torch.no_grad():
             if pairs:
                 torch._foreach_lerp_([a for a, _ in pairs], [p.detach() for _, p in pairs], 1 - self.decay)
-            buffers = list(zip(average.buffers(), pl_module.buffers(), strict=True))
-            if buffers:
-                torch._foreach_copy_([a for a, _ in buffers], [b for _, b in buffers])
+        self._copy_buffers(pl_module)
         self._latest_update_step = trainer.global_step
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:
+            self._copy_buffers(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    @torch.no_grad()
+    def _copy_buffers(self, pl_module: pl.LightningModule) -> None:
+        buffers = list(zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True))
+        if buffers:
+            torch._foreach_copy_([a for a, _ in buffers], [b for _, b in buffers])

@@ -38,7 +38,8 @@ def denoise(
     eta: float = 0.0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run `sampler` from `noise` to images in [-1, 1]; each sample draws its noise from its own generator.
+    """Run `sampler` from `noise` to images in [-1, 1] (or to latents, unbounded, where the sampler does not clip x0:
+    `clip_sample=False`); each sample draws its noise from its own generator.
 
     `eps_fn` predicts what the sampler's `prediction_type` says (ε or v); the sampler converts.
     `eta` (DDIM only) scales the noise added per step: 0 is deterministic DDIM, 1 matches DDPM's variance.
@@ -50,4 +51,4 @@ def denoise(
     x = noise
     for t in tqdm(sampler.timesteps, desc="denoising", leave=False, disable=not progress):
         x = sampler.step(eps_fn(x, t.to(x.device)), t, x, generator=generators, **step_kwargs).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if sampler.config.clip_sample else x

@@ -20,7 +20,7 @@ from fiberaug.errors import UserError
 from fiberaug.metrics import sliced_wasserstein
 from fiberaug.models.base import FiberAugModule
 from fiberaug.models.gan_losses import HingeLoss
-from fiberaug.nets.autoencoder_kl import autoencoder_kl, downsampling
+from fiberaug.nets.autoencoder_kl import autoencoder_kl, downsampling, latent_scale
 from fiberaug.nets.diffusers_unet import METADATA
 
 log = logging.getLogger(__name__)
@@ -213,24 +213,15 @@ class AutoencoderModule(FiberAugModule):
             self.export(folder, self.trainer.datamodule.reference_images("train", SCALE_IMAGES)[0])
             log.info("exported the autoencoder (f=%d) to %s", self.downsampling, folder)
 
-    @torch.no_grad()
-    def latent_scale(self, images: torch.Tensor, batch_size: int = 64) -> float:
-        """LDM's scale_by_std: 1 / the standard deviation of latents drawn from the images' posteriors, so that a
-        diffusion model sees latents of about unit variance. Seeded: the same weights and images give the same."""
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        latents = [self.vae.encode(batch.to(self.device)).latent_dist.sample(generator)
-                   for batch in images.split(batch_size)]
-        return 1.0 / torch.cat(latents).float().std().item()
-
     def export(self, folder: Path, images: torch.Tensor) -> None:
         """A diffusers folder (`AutoencoderKL.from_pretrained(folder)`, safetensors) whose config's `scaling_factor`
-        is `latent_scale(images)`, or, when only the decoder trained, the pretrained one's (the latents did not
+        is `latent_scale` of `images`, or, when only the decoder trained, the pretrained one's (the latents did not
         change); and `fiberaug.json`, what diffusers does not record: f and the training settings."""
         decoder_only = self.hparams.train == "decoder"
         if decoder_only:
             source = f"kept from model.pretrained={self.hparams.pretrained} (its encoder did not train)"
         else:
-            self.vae.register_to_config(scaling_factor=self.latent_scale(images))
+            self.vae.register_to_config(scaling_factor=latent_scale(self.vae, images))
             source = f"1/std of the latents of {len(images)} training images"
         self.vae.save_pretrained(str(folder), safe_serialization=True)
         settings = ("train", "pretrained", "kl_weight", "disc_start", "disc_weight", "lr", "betas")

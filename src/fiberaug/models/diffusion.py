@@ -1,4 +1,5 @@
-"""One LightningModule for DDPM training and DDPM/DDIM sampling around any noise-predicting denoiser."""
+"""One LightningModule for DDPM training and DDPM/DDIM sampling around any noise-predicting denoiser, in pixel space
+or in the latent space of a frozen autoencoder."""
 
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ from fiberaug.diffusion import (
 )
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
+from fiberaug.nets.autoencoder_kl import autoencoder_folder, downsampling, folder_sha256, latent_scale, load_autoencoder
 
 log = logging.getLogger(__name__)
+
+AUTOENCODER_KEY = "model.autoencoder"
+#: At most this many training images estimate the latent scale of an autoencoder whose folder gives none.
+SCALE_IMAGES = 256
 
 DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 2.0}
 
@@ -53,6 +59,13 @@ class DiffusionModule(GenerativeModule):
     to every sampler and to the export. `loss_weighting="min_snr"` weighs each sample's squared error by
     Min-SNR-γ (`min_snr_gamma`); the validation loss is the same weighted objective, so compare `loss/val`
     only between runs with the same prediction type and weighting.
+
+    `autoencoder` (a diffusers AutoencoderKL folder) makes it latent diffusion: the denoiser is built for the latent
+    shape (latent channels, `image_size / f`) and learns (z − shift)·scale of posterior samples z, and `generate`
+    decodes. The autoencoder is frozen (eval mode, no gradients, so outside the optimizer and the EMA) and left out of
+    every state_dict: checkpoints record its path and content hash instead. `scale` is the folder's `scaling_factor`,
+    else 1/std of the latents of the first training images, estimated when fitting starts and kept in the
+    `latent_scale` buffer (so a resumed run reuses it). Samplers do not clip x0 in latent space.
     """
 
     sampling_options = ("sampler", "steps", "eta", "guidance_scale")
@@ -81,19 +94,58 @@ class DiffusionModule(GenerativeModule):
         prediction_type: str = "epsilon",
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        autoencoder: str | None = None,
     ) -> None:
         super().__init__(class_names, channels_last=channels_last, compile=compile)
         self.save_hyperparameters(logger=False)
-        self.noise_scheduler = noise_scheduler(schedule, num_train_timesteps, prediction_type=prediction_type)
+        self.autoencoder = None
+        self.latent_shape = (channels, image_size, image_size)
+        if autoencoder:
+            self._attach_autoencoder(autoencoder, channels, image_size)
+        self.noise_scheduler = noise_scheduler(
+            schedule, num_train_timesteps, clip_sample=not autoencoder, prediction_type=prediction_type
+        )
         self.loss_weights = make_weighting(loss_weighting, min_snr_gamma)
         _check_pretrained_prediction(pretrained, prediction_type)
-        self.net = self._build_denoiser(denoiser, channels, image_size, pretrained)
+        self.net = self._build_denoiser(denoiser, self.latent_shape[0], self.latent_shape[1], pretrained)
         if lora:
             self._add_lora(lora, pretrained, lora_on_random_base)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         make_sampler(self.noise_scheduler, self.sampling["sampler"], self.sampling["steps"])  # fail early
+
+    def _attach_autoencoder(self, path: str, channels: int, image_size: int) -> None:
+        """Load the frozen autoencoder and set the latent shape, scale and shift, and what checkpoints record."""
+        folder = autoencoder_folder(path, AUTOENCODER_KEY).resolve()
+        vae = load_autoencoder(path, AUTOENCODER_KEY).eval().requires_grad_(False)
+        if vae.config.in_channels != channels:
+            raise UserError(
+                f"{AUTOENCODER_KEY}={path} takes {vae.config.in_channels} channels, the data has {channels}: set "
+                f"data.channels={vae.config.in_channels}"
+            )
+        f = downsampling(vae)
+        if image_size % f:
+            raise UserError(f"data.image_size={image_size} does not fit {AUTOENCODER_KEY}={path} (f={f}): it takes "
+                            f"multiples of {f}")
+        # The raw config: AutoencoderKL's fills in SD's 0.18215 where the folder gives no scaling_factor.
+        config = json.loads((folder / "config.json").read_text())
+        scale = config.get("scaling_factor")
+        self.register_buffer("latent_scale", torch.tensor(math.nan if scale is None else float(scale)))
+        self.latent_shift = float(config.get("shift_factor") or 0.0)
+        self.autoencoder_record = {"path": str(folder), "sha256": folder_sha256(folder)}
+        self.hparams.autoencoder = str(folder)  # absolute: the checkpoint rebuilds from any working directory
+        self.autoencoder = vae
+        self.latent_shape = (vae.config.latent_channels, image_size // f, image_size // f)
+        self.register_state_dict_post_hook(_without_autoencoder)
+        self.register_load_state_dict_post_hook(_autoencoder_not_missing)
+
+    def train(self, mode: bool = True) -> DiffusionModule:
+        """The autoencoder stays in eval mode whatever Lightning switches: it is frozen."""
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
+        return self
 
     def _build_denoiser(
         self, denoiser: Mapping[str, Any], channels: int, image_size: int, pretrained: str | None
@@ -145,6 +197,8 @@ class DiffusionModule(GenerativeModule):
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         images, labels = batch
+        if self.autoencoder is not None:
+            images = self.encode(images, generator)
         images = self.memory_format(images)
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         t = torch.randint(
@@ -158,6 +212,49 @@ class DiffusionModule(GenerativeModule):
             return F.mse_loss(prediction, target)
         per_sample = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(dim=1)
         return (per_sample * self.loss_weights(self.noise_scheduler, t)).mean()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoiser's training targets: posterior samples, shifted and scaled. In float32 without autocast:
+        Stable Diffusion's VAE overflows in float16."""
+        with torch.autocast(images.device.type, enabled=False):
+            latents = self.autoencoder.encode(images.float()).latent_dist.sample(generator)
+        return (latents - self.latent_shift) * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from (scaled) latents, in float32 without autocast."""
+        with torch.autocast(latents.device.type, enabled=False):
+            images = self.autoencoder.decode(latents.float() / self.latent_scale + self.latent_shift).sample
+        return images.clamp(-1, 1)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.autoencoder is not None and torch.isnan(self.latent_scale):  # not from the folder nor a checkpoint
+            self.estimate_latent_scale()
+
+    def estimate_latent_scale(self) -> None:
+        """LDM's scale_by_std on the first training images, the same on every process (rank 0's)."""
+        images = self.trainer.datamodule.reference_images("train", SCALE_IMAGES)[0]
+        scale = self.trainer.strategy.broadcast(latent_scale(self.autoencoder, images), src=0)
+        self.latent_scale.fill_(scale)
+        log.info("latent scale %.6g: 1/std of the latents of %d training images (%s=%s gives no scaling_factor)",
+                 scale, len(images), AUTOENCODER_KEY, self.hparams.autoencoder)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.autoencoder is not None:
+            checkpoint["fiberaug"]["autoencoder"] = dict(self.autoencoder_record)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        recorded = checkpoint.get("fiberaug", {}).get("autoencoder")
+        if self.autoencoder is not None and recorded and recorded["sha256"] != self.autoencoder_record["sha256"]:
+            log.warning(
+                "%s=%s changed since this checkpoint was saved (sha256 %s… then, %s… now): the denoiser learned the "
+                "latents of the autoencoder as it was", AUTOENCODER_KEY, self.hparams.autoencoder,
+                recorded["sha256"][:12], self.autoencoder_record["sha256"][:12],
+            )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -199,15 +296,32 @@ class DiffusionModule(GenerativeModule):
             raise UserError(f"eta={opts['eta']} must be at least 0 (0: deterministic DDIM, 1: DDPM's variance)")
         sched = make_sampler(self.noise_scheduler, opts["sampler"], opts["steps"])
         eps_fn = guided(self.net, labels, self.num_classes, float(opts["guidance_scale"]))
-        noise = self.noise((self.hparams.channels, self.hparams.image_size, self.hparams.image_size), generators)
-        return denoise(eps_fn, sched, noise, generators, eta=float(opts["eta"]), progress=progress)
+        noise = self.noise(self.latent_shape, generators)
+        samples = denoise(eps_fn, sched, noise, generators, eta=float(opts["eta"]), progress=progress)
+        if self.autoencoder is None:
+            return samples
+        if torch.isnan(self.latent_scale):
+            raise UserError(f"the latent scale is unknown: {AUTOENCODER_KEY}={self.hparams.autoencoder} gives no "
+                            "scaling_factor and no training estimated one; sample from a trained checkpoint")
+        return self.decode(samples)
 
     def on_train_end(self) -> None:
         """Export denoisers that have a standard format (diffusers) to `<run dir>/export`, with the final weights."""
         if hasattr(self.net, "save_pretrained") and self.trainer.is_global_zero:
             folder = Path(self.trainer.default_root_dir) / "export"
             self.net.save_pretrained(folder, self.noise_scheduler, self.export_metadata(), self.hparams.merge_lora)
+            if self.autoencoder is not None:
+                for pipeline in (folder, folder / "merged"):
+                    if pipeline.is_dir():
+                        self.export_autoencoder(pipeline / "vae")
             log.info("exported the model to %s", folder)
+
+    def export_autoencoder(self, folder: Path) -> None:
+        """The autoencoder as a diffusers folder beside the UNet, its config holding the scale and shift used."""
+        self.autoencoder.save_pretrained(str(folder), safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config |= {"scaling_factor": self.latent_scale.item(), "shift_factor": self.latent_shift or None}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     def export_metadata(self) -> dict[str, Any]:
         """What a diffusers folder does not hold: class names, sampling defaults, and the base of a LoRA adapter."""
@@ -220,13 +334,19 @@ class DiffusionModule(GenerativeModule):
             "schedule": self.hparams.schedule,
             "sampling": self.sampling,
             "base": base,
+            "autoencoder": None if self.autoencoder is None else {
+                **self.autoencoder_record,
+                "scaling_factor": self.latent_scale.item(),
+                "shift_factor": self.latent_shift,
+            },
         }
 
     @classmethod
     def from_export(cls, folder: str | Path, adapter: str | Path | None = None) -> DiffusionModule:
         """A model from a diffusers export folder, plus a LoRA adapter folder when given.
 
-        A LoRA run's export holds only the adapter; its base is the folder recorded in `fiberaug.json`.
+        A LoRA run's export holds only the adapter; its base is the folder recorded in `fiberaug.json`. A latent
+        diffusion export holds its autoencoder in `vae/`.
         """
         from fiberaug.nets.diffusers_unet import read_metadata
 
@@ -241,20 +361,36 @@ class DiffusionModule(GenerativeModule):
             raise UserError(f"{folder} is not a diffusers export (no unet/ and scheduler/); pass a .ckpt or an export/")
         unet_config, scheduler_config = json.loads(unet_path.read_text()), json.loads(scheduler_path.read_text())
         num_classes = max(0, (unet_config.get("num_class_embeds") or 0) - 1)
+        vae_path = folder / "vae" / "config.json"
+        vae_config = json.loads(vae_path.read_text()) if vae_path.is_file() else None
+        f = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 1
         model = cls(
             denoiser={"_target_": "fiberaug.nets.diffusers_unet.diffusers_unet"},
-            image_size=unet_config["sample_size"],
-            channels=unet_config["in_channels"],
+            image_size=unet_config["sample_size"] * f,
+            channels=vae_config["in_channels"] if vae_config else unet_config["in_channels"],
             class_names=meta.get("class_names", [str(i) for i in range(num_classes)]),
             schedule=meta.get("schedule") or _schedule_name(scheduler_config, folder),
             num_train_timesteps=scheduler_config["num_train_timesteps"],
             sampling=meta.get("sampling"),
             pretrained=str(folder),
             prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            autoencoder=str(folder / "vae") if vae_config else None,
         )
         if adapter:
             model.net.load_adapter(Path(adapter).expanduser())
         return model.eval()
+
+
+def _without_autoencoder(module: DiffusionModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State dicts (checkpoints, the EMA's average) leave out the frozen autoencoder: it is loaded from its folder."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}autoencoder.")]:
+        del state_dict[key]
+
+
+def _autoencoder_not_missing(module: DiffusionModule, keys: Any) -> None:
+    """Loading a state dict without the autoencoder's weights keeps those loaded from its folder."""
+    names = {f"autoencoder.{name}" for name in module.autoencoder.state_dict()}
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not any(k == n or k.endswith(f".{n}") for n in names)]
 
 
 def _check_pretrained_prediction(pretrained: str | None, prediction_type: str) -> None:

@@ -3,11 +3,14 @@ from a diffusers folder, refused with a one-line error when the folder holds som
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL
 
 from fiberaug.errors import UserError
@@ -21,6 +24,37 @@ EXPECTED = (
 def downsampling(vae: AutoencoderKL) -> int:
     """f: how many pixels per side one latent stands for (each level but the last halves the image)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> float:
+    """LDM's scale_by_std: 1 / the standard deviation of latents drawn from the images' posteriors, so that a
+    diffusion model sees latents of about unit variance. Seeded: the same weights and images give the same. In float32
+    without autocast: Stable Diffusion's VAE overflows in float16."""
+    device = next(vae.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.autocast(device.type, enabled=False):
+        latents = [vae.encode(batch.to(device).float()).latent_dist.sample(generator)
+                   for batch in images.split(batch_size)]
+    return 1.0 / torch.cat(latents).float().std().item()
+
+
+def folder_sha256(folder: Path) -> str:
+    """A content hash of an autoencoder folder (its config.json and weight files), which checkpoints record instead
+    of the weights; cached per process by the files' sizes and modification times, so a large VAE is read once."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    return _sha256(tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).name.encode())
+        with open(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def autoencoder_folder(path: str | Path, key: str = "model.pretrained") -> Path:

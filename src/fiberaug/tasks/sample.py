@@ -23,6 +23,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def lighten_decoding(model: torch.nn.Module) -> None:
+    """A latent model's autoencoder decodes one image at a time (memory bounded whatever `batch_size`), and in
+    overlapping tiles where the images are larger than the autoencoder was built for (its `sample_size`)."""
+    autoencoder = getattr(model, "autoencoder", None)
+    if autoencoder is None:
+        return
+    autoencoder.enable_slicing()
+    if model.hparams.image_size > autoencoder.config.sample_size:
+        autoencoder.enable_tiling()
+        log.info("decoding in tiles: %d px images, an autoencoder built for %d px", model.hparams.image_size,
+                 autoencoder.config.sample_size)
+
+
 def sample(cfg: DictConfig) -> Path:
     """Write `num_samples` images and `grid.png` to `output_dir`; returns that folder."""
     out = Path(cfg.output_dir)
@@ -30,6 +43,7 @@ def sample(cfg: DictConfig) -> Path:
         raise UserError(f"output_dir={out} already holds samples (grid.png); choose another or pass overwrite=true")
     device = resolve_device(cfg.device)
     model = load_generator(cfg.ckpt_path, cfg.get("adapter")).to(device)
+    lighten_decoding(model)
 
     requested = {k: cfg.get(k) for k in ("sampler", "steps", "eta", "guidance_scale") if cfg.get(k) is not None}
     ignored = sorted(set(requested) - set(model.sampling_options))

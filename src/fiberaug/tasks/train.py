@@ -53,6 +53,19 @@ def loss_option(cfg: DictConfig) -> dict[str, Any]:
     return {"loss": cfg.loss}
 
 
+#: What a preset writes for an option the user must pass (OmegaConf's `???` would not survive the merge over a default).
+REQUIRED = "<required>"
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Options a preset leaves to the user, refused in one line that says what to pass."""
+    if cfg.model.get("autoencoder") == REQUIRED:
+        raise UserError(
+            "model.autoencoder is not set: pass model.autoencoder=PATH, an AutoencoderKL folder (train one with "
+            "experiment=fibres128_autoencoder, or an SD download's vae/)"
+        )
+
+
 def current_run(cfg: DictConfig) -> Run:
     """This run's folder and the command-line overrides that identify it."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -233,6 +246,7 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
 
+    check_required(cfg)
     check_trainer_options(cfg.trainer, passed=("callbacks", "logger"))
     model_options = loss_option(cfg)
     # Plain containers: the DataModule's arguments go into checkpoints, which load with weights_only=True.
