@@ -29,7 +29,6 @@ from fiberaug.diffusion import (
 )
 from fiberaug.errors import UserError
 from fiberaug.models.base import GenerativeModule
-from fiberaug.nets.autoencoder_kl import autoencoder_folder, downsampling, folder_sha256, latent_scale, load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,9 @@ class DiffusionModule(GenerativeModule):
 
     def _attach_autoencoder(self, path: str, channels: int, image_size: int) -> None:
         """Load the frozen autoencoder and set the latent shape, scale and shift, and what checkpoints record."""
+        # Here, not at the top: diffusers' AutoencoderKL imports peft and transformers, which pixel models never need.
+        from fiberaug.nets.autoencoder_kl import autoencoder_folder, downsampling, folder_sha256, load_autoencoder
+
         folder = autoencoder_folder(path, AUTOENCODER_KEY).resolve()
         vae = load_autoencoder(path, AUTOENCODER_KEY).eval().requires_grad_(False)
         if vae.config.in_channels != channels:
@@ -235,6 +237,8 @@ class DiffusionModule(GenerativeModule):
 
     def estimate_latent_scale(self) -> None:
         """LDM's scale_by_std on the first training images, the same on every process (rank 0's)."""
+        from fiberaug.nets.autoencoder_kl import latent_scale
+
         images = self.trainer.datamodule.reference_images("train", SCALE_IMAGES)[0]
         scale = self.trainer.strategy.broadcast(latent_scale(self.autoencoder, images), src=0)
         self.latent_scale.fill_(scale)
