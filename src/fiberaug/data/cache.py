@@ -298,10 +298,7 @@ class ImageCache:
             return None
 
     def _parse(self, data: bytes) -> np.ndarray:
-        body, trailer = data[:-8], data[-8:]
-        if len(data) < 8 or trailer[:4] != _TRAILER or int.from_bytes(trailer[4:], "little") != zlib.crc32(body):
-            raise ValueError("checksum does not match: truncated or overwritten")
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+        array = parse_entry(data)
         if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype not in (np.uint8, np.uint16) \
                 or min(array.shape[:2]) != self.side:
             raise ValueError(f"holds {array.dtype} of shape {array.shape}, not an image of short side {self.side}")
@@ -310,18 +307,30 @@ class ImageCache:
     def _store(self, key: str, array: np.ndarray) -> None:
         if self.folder is None:
             return
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        body = buffer.getvalue()
         try:
-            # No fsync: an entry a power loss damages fails its checksum and is rebuilt.
-            data = body + _TRAILER + zlib.crc32(body).to_bytes(4, "little")
-            write_atomic(self.entry_path(key), data, durable=False)
+            write_entry(self.entry_path(key), array)
         except OSError as exc:
             if not self._warned_write:
                 self._warned_write = True
                 log.warning("decoded-image cache: cannot write to %s (%s); images not on disk are decoded when drawn",
                             self.folder, exc)
+
+
+def write_entry(path: Path, array: np.ndarray) -> None:
+    """An array as a `.npy` file ending in a CRC-32 of its bytes, written atomically. No fsync: an entry a power loss
+    damages fails its checksum (`parse_entry`) and is rebuilt."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    body = buffer.getvalue()
+    write_atomic(path, body + _TRAILER + zlib.crc32(body).to_bytes(4, "little"), durable=False)
+
+
+def parse_entry(data: bytes) -> np.ndarray:
+    """The array of an entry `write_entry` wrote; ValueError when it is truncated or overwritten."""
+    body, trailer = data[:-8], data[-8:]
+    if len(data) < 8 or trailer[:4] != _TRAILER or int.from_bytes(trailer[4:], "little") != zlib.crc32(body):
+        raise ValueError("checksum does not match: truncated or overwritten")
+    return np.load(io.BytesIO(body), allow_pickle=False)
 
 
 def _usable_cores() -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -24,6 +25,9 @@ from fiberaug.errors import UserError
 from fiberaug.seeding import derive_seed
 
 log = logging.getLogger(__name__)
+
+#: Augmentations that leave an image one of a few fixed forms, whose latents can be cached (`latent_cache_refusal`).
+CACHEABLE_AUGMENTATIONS = (A.HorizontalFlip, A.VerticalFlip)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -108,6 +112,28 @@ class ImageDataModule(pl.LightningDataModule):
         dataset = AugmentedImages(subset.items[:n], labels, self.reader, self.val_transform, self.channels)
         images = torch.stack([dataset[i][0] for i in range(n)]) if n else torch.empty(0)
         return images, labels
+
+    def latent_cache_refusal(self) -> str | None:
+        """Why the training images are not worth caching as latents, or None when they are: a pipeline that only
+        scales, centre-crops and flips gives each image a few fixed forms; any other draws new pixels every time."""
+        _, *augmentations, crop = self.train_transform.transforms
+        if not isinstance(crop, A.CenterCrop):
+            return f"data.resize_policy={self.hparams.resize_policy} cuts a new random crop at every draw"
+        drawn = [type(t).__name__ for t in augmentations if not isinstance(t, CACHEABLE_AUGMENTATIONS)]
+        if drawn:
+            return f"the augment pipeline draws new pixels at every draw ({', '.join(drawn)})"
+        return None
+
+    def serve_digests(self, train: bool = True) -> None:
+        """Send each image's pixel digest with it, for the latent cache: always for validation (never augmented),
+        for training when asked."""
+        self.val_set.digests = True
+        self.train_set.digests = train
+
+    @property
+    def latent_cache_dir(self) -> Path | None:
+        """Where the latent cache keeps its disk tier; None: memory only."""
+        return None
 
     def item_versions(self, item: Any) -> tuple[list[str], bool]:
         """Every content hash the item had while this run read it, and whether it can still be read.
@@ -260,6 +286,10 @@ class FolderDataModule(ImageDataModule):
 
     def item_versions(self, item: Path) -> tuple[list[str], bool]:
         return self.images.versions(item)
+
+    @property
+    def latent_cache_dir(self) -> Path | None:
+        return None if self.images.folder is None else self.images.folder / "latents"
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

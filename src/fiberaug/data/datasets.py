@@ -7,6 +7,7 @@ or processes, and a resumed run continues exactly where its checkpoint left off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,6 +30,9 @@ class AugmentedImages(Dataset):
     Items are asked for by index, or by `(epoch, index)` as `EpochSampler` yields them; the pipeline is
     reseeded from (seed, epoch, index) for each item. An item that fails to decode is skipped with a
     warning naming it and the next one is served, so one damaged file never stops an epoch.
+
+    `digests=True` adds a third element: the SHA-256 of the image's pixels as the model receives them (32 bytes as
+    a uint8 tensor), by which the latent cache (`fiberaug.data.latents`) finds what the autoencoder made of them.
     """
 
     def __init__(
@@ -46,12 +50,13 @@ class AugmentedImages(Dataset):
         self.transform = transform
         self.channels = channels
         self.seed = seed
+        self.digests = False
         self.failed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         reseed(self.transform, derive_seed(self.seed, epoch, index))
         for offset in range(len(self.items)):
@@ -66,8 +71,16 @@ class AugmentedImages(Dataset):
                 continue
             image = self.transform(image=to_channels(array, self.channels))["image"]
             tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))) * 2 - 1
-            return tensor, self.labels[i] if self.labels is not None else -1
+            label = self.labels[i] if self.labels is not None else -1
+            return (tensor, label, pixel_digest(tensor)) if self.digests else (tensor, label)
         raise RuntimeError(f"none of the {len(self.items)} images could be read")
+
+
+def pixel_digest(image: torch.Tensor) -> torch.Tensor:
+    """The SHA-256 of an image's shape, dtype and values, as 32 uint8s (a tensor, so batches collate them)."""
+    digest = hashlib.sha256(f"{tuple(image.shape)} {image.dtype};".encode())
+    digest.update(image.contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
 class EpochSampler(DistributedSampler):

@@ -17,6 +17,7 @@ from hydra.utils import get_object, instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
 import fiberaug
+from fiberaug.data.latents import LatentCache
 from fiberaug.diffusion import (
     PREDICTION_TYPES,
     denoise,
@@ -64,7 +65,10 @@ class DiffusionModule(GenerativeModule):
     decodes. The autoencoder is frozen (eval mode, no gradients, so outside the optimizer and the EMA) and left out of
     every state_dict: checkpoints record its path and content hash instead. `scale` is the folder's `scaling_factor`,
     else 1/std of the latents of the first training images, estimated when fitting starts and kept in the
-    `latent_scale` buffer (so a resumed run reuses it). Samplers do not clip x0 in latent space.
+    `latent_scale` buffer (so a resumed run reuses it). Samplers do not clip x0 in latent space. With `latent_cache`,
+    the posterior of each image the data sends with a pixel digest is computed once and kept (`fiberaug.data.latents`:
+    up to `latent_cache_mb` MiB in memory, the rest in the data's cache folder); latents are still drawn from it
+    afresh at every step.
     """
 
     sampling_options = ("sampler", "steps", "eta", "guidance_scale")
@@ -94,10 +98,13 @@ class DiffusionModule(GenerativeModule):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         autoencoder: str | None = None,
+        latent_cache: bool = True,
+        latent_cache_mb: float = 1024,
     ) -> None:
         super().__init__(class_names, channels_last=channels_last, compile=compile)
         self.save_hyperparameters(logger=False)
         self.autoencoder = None
+        self.latent_cache: LatentCache | None = None
         self.latent_shape = (channels, image_size, image_size)
         if autoencoder:
             self._attach_autoencoder(autoencoder, channels, image_size)
@@ -198,9 +205,9 @@ class DiffusionModule(GenerativeModule):
         return labels
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        images, labels = batch
+        images, labels, *digests = batch
         if self.autoencoder is not None:
-            images = self.encode(images, generator)
+            images = self.encode(images, generator, digests[0] if digests else None)
         images = self.memory_format(images)
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         t = torch.randint(
@@ -216,12 +223,26 @@ class DiffusionModule(GenerativeModule):
         return (per_sample * self.loss_weights(self.noise_scheduler, t)).mean()
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The denoiser's training targets: posterior samples, shifted and scaled. In float32 without autocast:
-        Stable Diffusion's VAE overflows in float16."""
-        with torch.autocast(images.device.type, enabled=False):
-            latents = self.autoencoder.encode(images.float()).latent_dist.sample(generator)
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, digests: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The denoiser's training targets: posterior samples, shifted and scaled; the posteriors from the latent
+        cache where the images come with pixel digests."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if digests is not None and self.latent_cache is not None:
+            moments = self.latent_cache.moments(digests, images, self.posterior_moments)
+        else:
+            moments = self.posterior_moments(images)
+        latents = DiagonalGaussianDistribution(moments).sample(generator)
         return (latents - self.latent_shift) * self.latent_scale
+
+    @torch.no_grad()
+    def posterior_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean and log-variance, stacked on the channels. In float32 without autocast: Stable
+        Diffusion's VAE overflows in float16."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.autoencoder.encode(images.float()).latent_dist.parameters
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -234,6 +255,34 @@ class DiffusionModule(GenerativeModule):
         super().on_fit_start()
         if self.autoencoder is not None and torch.isnan(self.latent_scale):  # not from the folder nor a checkpoint
             self.estimate_latent_scale()
+        if self.autoencoder is not None and self.hparams.latent_cache:
+            self.start_latent_cache()
+
+    def start_latent_cache(self) -> None:
+        """Ask the data for pixel digests (training images too when their pipeline gives each a few fixed forms)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "serve_digests"):
+            return
+        refusal = datamodule.latent_cache_refusal()
+        datamodule.serve_digests(train=refusal is None)
+        folder = datamodule.latent_cache_dir
+        self.latent_cache = LatentCache(
+            self.autoencoder_record["sha256"], int(self.hparams.latent_cache_mb * 2**20), folder
+        )
+        where = f"up to {self.hparams.latent_cache_mb:g} MiB in memory, " + (f"on disk in {folder}" if folder else
+                                                                              "no disk tier")
+        if refusal:
+            log.info("latent cache: validation images only (%s); %s. Training batches are encoded as drawn: %s",
+                     where, refusal, "augment=none or flip with data.resize_policy=resize caches them too")
+        else:
+            log.info("latent cache: every image and flip encoded once (%s)", where)
+
+    def on_train_epoch_end(self) -> None:
+        if self.latent_cache is not None:
+            encoded, reused = self.latent_cache.take_counts()
+            if encoded:
+                log.info("latent cache: encoded %d images, reused %d (%.1f MiB in memory)", encoded, reused,
+                         self.latent_cache.memory_used / 2**20)
 
     def estimate_latent_scale(self) -> None:
         """LDM's scale_by_std on the first training images, the same on every process (rank 0's)."""
