@@ -22,8 +22,9 @@ from fiberaug.models.base import GenerativeModule
 
 
 class RankProbe(pl.Callback):
-    """Saves, per rank, to `dirpath/rank<r>.pt`: the raw and averaged weights, each optimizer's step counts, the
-    torch random state at the first batch, the last training loss, the logged values, and how often it sampled."""
+    """Saves, per rank, to `dirpath/rank<r>.pt`: the raw and averaged weights, the buffers, each optimizer's step
+    counts, the torch random state at the first batch, the last training loss, the logged values, and how often it
+    sampled."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -51,6 +52,7 @@ class RankProbe(pl.Callback):
                         if isinstance(c, WeightAveraging) and c._average_model is not None), None)
         self.record |= {
             "params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+            "buffers": {k: v.detach().clone() for k, v in pl_module.named_buffers()},
             "average": {k: v.detach().clone() for k, v in average.named_parameters()} if average else None,
             "optimizer_steps": [int(o.state[o.param_groups[0]["params"][0]]["step"]) for o in trainer.optimizers],
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROBES, TINY, run_script
+from conftest import PROBES, TINY, run_script, tiny_autoencoder
+from diffusers import AutoencoderKL
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_gan import GAN_TINY
@@ -75,3 +76,17 @@ def test_a_diffusion_model_trains_under_ddp_with_the_same_weights_ema_and_sample
     grid = labelled_grid(to_uint8(model.sample(4, seed=0, batch_size=4, steps=5)), model.label_names())  # debug=fast's
     written = np.asarray(Image.open(tmp_path / "samples" / "epoch0000-step0000005.png"))
     assert written.shape == grid.shape[:2] and np.abs(written.astype(int) - grid[..., 0].astype(int)).max() <= 1
+
+
+def test_a_latent_model_trains_under_ddp_with_one_latent_scale_and_a_frozen_autoencoder(tmp_path):
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder")  # no scaling_factor: estimated when fitting starts
+    rank0, rank1 = _ddp_run(tmp_path / "run", *TINY, "trainer.max_steps=3", "~callbacks.metrics",
+                            f"model.autoencoder={autoencoder}")
+    assert rank0["optimizer_steps"] == rank1["optimizer_steps"] == [3]
+    assert _same(rank0["params"], rank1["params"]) and _same(rank0["buffers"], rank1["buffers"])
+    assert 0 < rank0["buffers"]["latent_scale"].item() < float("inf")
+    frozen = AutoencoderKL.from_pretrained(autoencoder).state_dict()
+    assert all(torch.equal(rank0["params"][f"autoencoder.{k}"], v) for k, v in frozen.items() if f"autoencoder.{k}"
+               in rank0["params"])
+    assert all(torch.equal(rank0["average"][f"autoencoder.{k}"], v) for k, v in frozen.items()
+               if f"autoencoder.{k}" in rank0["average"])

@@ -71,6 +71,35 @@ def test_the_autoencoder_is_frozen_and_bit_identical_after_training(latent_run):
     assert model.net.training and not model.autoencoder.training
 
 
+def test_the_ema_shares_the_autoencoder_instead_of_copying_it(tmp_path):
+    from fiberaug.callbacks.ema import EMA
+
+    model = DiffusionModule(CONTEXT_UNET, image_size=8, channels=1, autoencoder=str(tiny_autoencoder(tmp_path)))
+    names = [name for name, _ in model.named_parameters()]
+    ema = EMA()
+    ema.setup(None, model, "fit")
+    average = ema._average_model.module
+    assert average.autoencoder is model.autoencoder and average.net is not model.net
+    assert [name for name, _ in average.named_parameters()] == [name for name, _ in model.named_parameters()] == names
+
+
+def test_mixed_precision_and_checkpointing_leave_the_autoencoder_in_float32(tmp_path, monkeypatch):
+    """`trainer.precision=16` (float16 on CUDA, bfloat16 on a CPU): the autoencoder still encodes in float32."""
+    dtypes = []
+    moments = DiffusionModule.posterior_moments
+    monkeypatch.setattr(DiffusionModule, "posterior_moments",
+                        lambda self, images: dtypes.append(moments(self, images).dtype) or moments(self, images))
+    autoencoder = tiny_autoencoder(tmp_path / "autoencoder")
+    ckpt = _train(tmp_path / "run", autoencoder, "trainer.precision=16", "model.gradient_checkpointing=true",
+                  "trainer.max_steps=3")
+    assert ckpt["global_step"] == 3 and set(dtypes) == {torch.float32}
+    assert ckpt["hyper_parameters"]["gradient_checkpointing"]
+    record = torch.load(tmp_path / "run" / "latent.pt", weights_only=True)
+    before = AutoencoderKL.from_pretrained(autoencoder).state_dict()
+    assert all(torch.equal(v, record["autoencoder"][k]) for k, v in before.items())
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 def test_checkpoints_reference_the_autoencoder_instead_of_copying_it(latent_run):
     run_dir, autoencoder = latent_run
     ckpt = _checkpoint(run_dir)

@@ -149,6 +149,10 @@ class DiffusionModule(GenerativeModule):
         self.register_state_dict_post_hook(_without_autoencoder)
         self.register_load_state_dict_post_hook(_autoencoder_not_missing)
 
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Submodules that never train, which the EMA shares instead of copying."""
+        return {} if self.autoencoder is None else {"autoencoder": self.autoencoder}
+
     def train(self, mode: bool = True) -> DiffusionModule:
         """The autoencoder stays in eval mode whatever Lightning switches: it is frozen."""
         super().train(mode)
