@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fiberaug.errors import UserError
+from fiberaug.errors import UserError, find_cause
 from fiberaug.runs import job_name, sweep_name
 
 # conf/hydra/default.yaml names sweep folders with it. Cached on its argument's text, which is the same in the sweep's
@@ -86,9 +86,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         return task(cfg)
     except Exception as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
+        cause = find_cause(exc, UserError)
         if cause is None:
             raise
         remove_unused_run_dir()

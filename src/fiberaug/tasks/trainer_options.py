@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig
 
-from fiberaug.errors import UserError
+from fiberaug.errors import UserError, find_cause
 
 # What a value of an option means, where its type does not say.
 NOTES = {
@@ -105,9 +105,7 @@ def build_trainer(make: Callable[[], pl.Trainer]) -> pl.Trainer:
     try:
         return make()
     except Exception as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, MisconfigurationException):
-            cause = cause.__cause__
+        cause = find_cause(exc, MisconfigurationException)
         if cause is None:
             raise
         raise UserError(f"trainer: Lightning refuses this configuration: {cause}") from exc
