@@ -10,7 +10,7 @@ import pytest
 from conftest import augment_config, run_script, save
 from PIL import Image, ImageFile
 
-from fiberaug.augment.records import json_safe
+from fiberaug.jobs import json_safe
 from fiberaug.tasks import run_task
 from fiberaug.tasks.augment import augment
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from fiberaug.augment.annotations import Annotations, format_yolo, read_yolo
 from fiberaug.augment.plan import Output
-from fiberaug.augment.records import json_safe
 from fiberaug.data.images import check_complete, encode_image, read_image, write_image
 from fiberaug.data.pipelines import build_transforms, reseed
 from fiberaug.files import write_atomic
+from fiberaug.jobs import json_safe
 
 
 class Augmenter:

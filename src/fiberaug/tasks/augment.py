@@ -16,21 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import cv2
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from fiberaug.augment.annotations import Annotations, coco_document, read_coco
 from fiberaug.augment.parallel import ordered_map
 from fiberaug.augment.plan import Output, check_folders, plan_outputs, sources
-from fiberaug.augment.records import MANIFEST, Done, Manifest, read_records, replay_outputs, start_job, versions
+from fiberaug.augment.records import Done, replay_outputs, start_job
 from fiberaug.augment.sheet import contact_sheet
 from fiberaug.augment.worker import Augmenter
 from fiberaug.data.images import write_image
 from fiberaug.data.pipelines import build_transforms, load_spec, resolve_pipeline
 from fiberaug.errors import UserError
 from fiberaug.files import locked_folder, write_atomic
+from fiberaug.jobs import MANIFEST, Manifest, read_records, versions
 
 log = logging.getLogger(__name__)
+
+AUGMENT_PACKAGES = ("fiberaug", "albumentations", "albucore", "numpy", "pillow")
 
 
 @dataclass
@@ -143,7 +147,10 @@ def _run_file(cfg: DictConfig, spec: Any, input_dir: Path, annotations: Annotati
         **{key: settings[key] for key in ("seed", "copies", "jpeg_quality")},
         **{key: str(path) if path else None for key, path in folders.items()},
     }
-    return {"job": job, "pipeline": pipeline, "spec": spec, "command": shlex.join(sys.argv), "versions": versions()}
+    return {
+        "job": job, "pipeline": pipeline, "spec": spec, "command": shlex.join(sys.argv),
+        "versions": {**versions(*AUGMENT_PACKAGES), "opencv": cv2.__version__},
+    }
 
 
 def _make_outputs(
