@@ -28,8 +28,8 @@ from fiberaug.tasks.train import train
 
 
 def _digit_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """real/<class>/*.png: 24×24 gray digits; fake/: 16×16 RGB copies of some of them, named as sample.py names
-    its files; other/: held-out digits of the same classes."""
+    """real/<class>/*.png: 24×24 gray digits; fake/<class>/*.png: 16×16 RGB copies of them, laid out as sample.py
+    writes its data sets; other/: held-out digits of the same classes."""
     data = load_digits()
     images = (data.images / 16 * 255).astype(np.uint8).repeat(3, axis=1).repeat(3, axis=2)  # 24×24
     for i in range(60):
@@ -37,7 +37,7 @@ def _digit_folders(tmp_path: Path) -> tuple[Path, Path, Path]:
         rgb = np.repeat(np.asarray(torch.nn.functional.interpolate(
             torch.tensor(images[i], dtype=torch.float32)[None, None], size=16, mode="area")[0, 0]).round()
             .astype(np.uint8)[..., None], 3, axis=2)
-        save(tmp_path / "fake" / f"{i:05d}_digit{data.target[i]}.png", rgb)
+        save(tmp_path / "fake" / f"digit{data.target[i]}" / f"{i:06d}.png", rgb)
     for i in range(60, 120):
         save(tmp_path / "other" / f"digit{data.target[i]}" / f"{i}.png", images[i])
     return tmp_path / "real", tmp_path / "fake", tmp_path / "other"
@@ -152,16 +152,14 @@ def test_evaluate_says_how_many_images_it_used(tmp_path, capsys):
     assert "real: 20 of 60 images" in out and "train: 20 of 60 images" in out
 
 
-def test_a_sample_py_folder_is_read_as_its_samples_without_the_grid(tmp_path):
-    """sample.py writes 00000_<class>.png files and grid.png; a folder of other files keeps a grid.png of its own."""
+def test_a_sample_py_data_set_is_read_by_its_class_folders_without_the_preview(tmp_path):
+    """sample.py writes <class>/000000.png and a hidden .preview/grid.png, which is not a sample."""
     for i, label in enumerate(("cat", "dog", "cat")):
-        save(tmp_path / "samples" / f"{i:05d}_{label}.png", np.full((8, 8, 3), 40 * i, np.uint8))
-    save(tmp_path / "samples" / "grid.png", np.zeros((20, 30, 3), np.uint8))
+        save(tmp_path / "samples" / label / f"{i:06d}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    save(tmp_path / "samples" / ".preview" / "grid.png", np.zeros((20, 30, 3), np.uint8))
     samples = read_folder(tmp_path / "samples", 8)
-    assert len(samples.images) == 3 and samples.class_names == ["cat", "dog"] and samples.labels == [0, 1, 0]
-    save(tmp_path / "photos" / "grid.png", np.zeros((8, 8, 3), np.uint8))
-    save(tmp_path / "photos" / "panel.png", np.zeros((8, 8, 3), np.uint8))
-    assert len(read_folder(tmp_path / "photos", 8).images) == 2
+    assert samples.class_names == ["cat", "dog"] and samples.labels == [0, 0, 1]
+    assert samples.images[:, 0, 0, 0].tolist() == pytest.approx([-1, 80 / 127.5 - 1, 40 / 127.5 - 1], abs=1e-6)
 
 
 def test_earlier_results_are_not_overwritten(tmp_path):

@@ -258,10 +258,10 @@ def test_sample_script_on_a_gan_checkpoint(wgan_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sampler, steps do not apply to GANModule and are ignored" in result.stdout
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "00000_3.png", "00001_7.png", "00002_3.png", "00003_7.png", "grid.png"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*.png")) == [
+        ".preview/grid.png", "3/000000.png", "3/000002.png", "7/000001.png", "7/000003.png"
     ]
-    assert np.asarray(Image.open(tmp_path / "00000_3.png")).shape == (16, 16)
+    assert np.asarray(Image.open(tmp_path / "3" / "000000.png")).shape == (16, 16)
 
 
 def test_gan_samples_follow_seed_and_label(wgan_run):

@@ -1,15 +1,24 @@
-"""sample.py on a trained checkpoint: files, determinism, labels, samplers and refusals."""
+"""sample.py on a trained checkpoint: the data set and its records, resuming, determinism, labels, samplers and
+refusals."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_script
+from conftest import HANG_GUARD, ROOT, compose_config, run_script
 from PIL import Image
 
+from fiberaug.data import FolderDataModule
 from fiberaug.models import load_generator
 from fiberaug.tasks import run_task
 from fiberaug.tasks.sample import sample
@@ -21,23 +30,85 @@ def _sample(ckpt: Path, out: Path, *overrides: str) -> Path:
 
 
 def _pixels(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+    """The data set's images by path (the hidden preview left out)."""
+    return {p.relative_to(folder).as_posix(): np.asarray(Image.open(p)) for p in sorted(folder.rglob("[!.]*/*.png"))}
 
 
-def test_sample_script_writes_pngs_and_a_grid(trained_run, tmp_path):
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sample_script_writes_a_data_set_with_a_record_of_each_image(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     result = run_script("sample.py", f"ckpt_path={ckpt}", "num_samples=5", "steps=3", f"output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["00000_0.png", "00001_1.png", "00002_2.png", "00003_3.png", "00004_4.png", "grid.png"]
-    first = np.asarray(Image.open(tmp_path / "00000_0.png"))
+    # ImageFolder layout: one folder per class drawn (0 to 4 in turn), named by the training classes.
+    assert sorted(_pixels(tmp_path)) == ["0/000000.png", "1/000001.png", "2/000002.png", "3/000003.png",
+                                         "4/000004.png"]
+    first = np.asarray(Image.open(tmp_path / "0" / "000000.png"))
     assert first.shape == (8, 8)  # the trained size, grayscale
-    # The grid: one column per class drawn (0 to 4), each sample enlarged ×8 under a band with the class names.
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["label"], r["index"]) for r in rows] == [
+        (f"{i}/{i:06d}.png", str(i), i) for i in range(5)]
+    checkpoint_sha256 = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert {(r["seed"], r["checkpoint_sha256"], r["model"], r["sampler"], r["steps"]) for r in rows} == {
+        (0, checkpoint_sha256, "DiffusionModule", "ddim", 3)}
+    assert rows[2]["sha256"] == hashlib.sha256((tmp_path / "2" / "000002.png").read_bytes()).hexdigest()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["checkpoint"] == str(ckpt.resolve()) and run["job"]["checkpoint_sha256"] == checkpoint_sha256
+    assert "sample.py" in run["command"] and run["versions"]["torch"] == torch.__version__
+    # The preview: one column per class drawn, each sample enlarged ×8 under a band with the class names; hidden, so
+    # that readers of the data set (data=folder, ImageFolder) do not take it for an image of it.
+    grid = np.asarray(Image.open(tmp_path / ".preview" / "grid.png"))
     header = grid.shape[0] - (64 + 4)
     assert grid.shape[1] == 5 * 66 + 2 and header >= 14 and grid[:header].max() > 128
     assert np.array_equal(grid[header + 2 : header + 66, 2:66], np.kron(first, np.ones((8, 8), np.uint8)))
     assert "sampling" in result.stderr  # the progress bar
+    datamodule = FolderDataModule(root=str(tmp_path), image_size=8, channels=1, val_fraction=0, cache_mb=0,
+                                  cache_dir=None)
+    datamodule.setup("fit")
+    assert datamodule.class_names == ["0", "1", "2", "3", "4"] and len(datamodule.train_set) == 5
+
+
+def test_num_per_class_draws_that_many_of_each_class(trained_run, tmp_path):
+    out = _sample(trained_run / "checkpoints" / "last.ckpt", tmp_path, "num_per_class=2", "labels=[3,5]", "steps=2")
+    assert sorted(_pixels(out)) == ["3/000000.png", "3/000002.png", "5/000001.png", "5/000003.png"]
+
+
+def test_a_killed_run_then_the_same_command_ends_as_one_uninterrupted_run(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    args = [sys.executable, str(ROOT / "sample.py"), f"ckpt_path={ckpt}", "num_samples=3000", "steps=1",
+            "batch_size=7"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    killed = subprocess.Popen([*args, f"output_dir={tmp_path / 'killed'}"], start_new_session=True, **quiet)
+    manifest, deadline = tmp_path / "killed" / "manifest.jsonl", time.monotonic() + HANG_GUARD
+    while not (manifest.is_file() and manifest.stat().st_size > 20_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    made = len(manifest.read_bytes().splitlines())
+    assert 0 < made < 3000, "the run was not killed in the middle"
+    for out in ("killed", "clean"):
+        result = subprocess.run([*args, f"output_dir={tmp_path / out}"], capture_output=True, text=True,
+                                timeout=HANG_GUARD)
+        assert result.returncode == 0, result.stderr[-3000:]
+    resumed, clean = snapshot(tmp_path / "killed"), snapshot(tmp_path / "clean")
+    runs = [json.loads(files.pop("run.json")) for files in (resumed, clean)]
+    for run in runs:  # the two differ only in the command line that made them
+        assert f"output_dir={tmp_path}" in run.pop("command")
+    assert resumed == clean and runs[0] == runs[1]
+
+
+def test_another_job_in_the_folder_is_refused_unless_overwrite(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    _sample(ckpt, tmp_path, "num_samples=3", "steps=1")
+    before = snapshot(tmp_path)
+    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "num_samples=3", "steps=2"])
+    with pytest.raises(SystemExit, match=r"holds another job \(its run.json differs in: sampling\)"):
+        run_task(sample, cfg)
+    assert snapshot(tmp_path) == before
+    _sample(ckpt, tmp_path, "num_samples=2", "steps=2", "labels=[7]", "overwrite=true")
+    assert sorted(_pixels(tmp_path)) == ["7/000000.png", "7/000001.png"]  # the other job's images are gone
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -57,7 +128,7 @@ def test_same_seed_same_images_whatever_the_batch_size(trained_run, tmp_path, sa
 def test_labels_by_name_or_index_and_guidance(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     out = _sample(ckpt, tmp_path / "x", "num_samples=4", "steps=2", "labels=[7,'3']", "guidance_scale=3")
-    assert sorted(p.name for p in out.glob("0*.png")) == ["00000_7.png", "00001_3.png", "00002_7.png", "00003_3.png"]
+    assert sorted(_pixels(out)) == ["3/000001.png", "3/000003.png", "7/000000.png", "7/000002.png"]
 
 
 def test_guidance_scale_reaches_the_sampler(trained_run, tmp_path, monkeypatch):
@@ -102,14 +173,6 @@ def test_bad_options_are_one_line_errors(trained_run, tmp_path, overrides, messa
     with pytest.raises(SystemExit) as exc:
         run_task(sample, cfg)
     assert message in str(exc.value)
-
-
-def test_existing_samples_are_not_overwritten(trained_run, tmp_path):
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
-    _sample(ckpt, tmp_path, "num_samples=1", "steps=1")
-    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={tmp_path}"])
-    with pytest.raises(SystemExit, match="already holds samples"):
-        run_task(sample, cfg)
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):

@@ -160,16 +160,26 @@ class GenerativeModule(FiberAugModule):
         if num_samples < 1 or batch_size < 1:
             raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must be at least 1")
         label_idx = self.label_indices(labels, num_samples)
-        was_training = self.training
-        self.eval()
         batches = []
         with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, num_samples, batch_size):
                 stop = min(start + batch_size, num_samples)
-                # Sample i's noise comes from (seed, i) alone, so it does not depend on batch size or order.
-                generators = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
-                batch_labels = label_idx[start:stop] if label_idx is not None else None
-                batches.append(self.generate(batch_labels, generators, progress=progress, **options).float().cpu())
+                batches.append(self.sample_range(start, stop, label_idx, seed, progress, **options))
                 bar.update(stop - start)
-        self.train(was_training)
         return torch.cat(batches)
+
+    @torch.no_grad()
+    def sample_range(
+        self, start: int, stop: int, label_idx: torch.Tensor | None, seed: int = 0, progress: bool = False,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Samples `start` to `stop` (exclusive) of a seeded series, in [-1, 1] on the CPU, in eval mode: sample i's
+        noise comes from (seed, i) alone, so it does not depend on batch size or order. `label_idx`: every sample's
+        class index (`label_indices`), or None."""
+        was_training = self.training
+        self.eval()
+        generators = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
+        batch_labels = label_idx[start:stop] if label_idx is not None else None
+        images = self.generate(batch_labels, generators, progress=progress, **options).float().cpu()
+        self.train(was_training)
+        return images

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,6 @@ from fiberaug.models import GenerativeModule
 
 log = logging.getLogger(__name__)
 
-# sample.py names its files 00000_<class>.png (00000.png for an unconditional model): the class a sample was drawn
-# for. Beside them it writes grid.png, a picture of many samples, which is not one.
-_SAMPLE_NAME = re.compile(r"^\d+_(?P<label>.+)$")
-_SAMPLE_FILE = re.compile(r"^\d+(_.+)?$")
-SAMPLE_GRID = "grid.png"
-
-
 @dataclass
 class ImageSet:
     """Images N×C×H×W in [-1, 1], with class indices into `class_names` where the set has classes."""
@@ -39,14 +31,12 @@ class ImageSet:
 
 
 def list_folder(root: str | Path, name: str = "folder") -> tuple[Path, list[Path]]:
-    """The folder and its images, sample.py's grid left out; a missing folder or one without images is refused."""
+    """The folder and its images (hidden ones, such as sample.py's `.preview/`, left out); a missing folder or one
+    without images is refused."""
     folder = Path(root).expanduser()
     if not folder.is_dir():
         raise UserError(f"{name}={folder} is not a folder")
     paths = list_images(folder)
-    samples = [p for p in paths if p.relative_to(folder) != Path(SAMPLE_GRID)]
-    if len(samples) < len(paths) and samples and all(_SAMPLE_FILE.match(p.stem) for p in samples):
-        paths = samples  # a folder sample.py wrote
     if not paths:
         raise UserError(f"{name}={folder} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
     return folder, paths
@@ -56,8 +46,8 @@ def read_folder(root: str | Path, size: int, limit: int | None = None, name: str
     """The images below `root`, scaled so their short side is `size` and centre-cropped: all of them, or a random
     `limit` drawn by `seed`, stratified by class (each class keeps its share, and at least one image).
 
-    Classes: the top-level sub-folders when every image lies in one (as for training), else the `<class>` of
-    sample.py's `00000_<class>.png` names when every file has one. Grayscale stays one channel unless the
+    Classes: the top-level sub-folders when every image lies in one (as for training, and in the data sets
+    sample.py writes). Grayscale stays one channel unless the
     folder mixes in colour. Unreadable files are skipped with a warning naming them.
     """
     folder, paths = list_folder(root, name)
@@ -111,12 +101,9 @@ def stratified_subset(labels: Sequence[int], limit: int, seed: int) -> list[int]
 
 def _folder_labels(root: Path, paths: Sequence[Path]) -> tuple[list[int] | None, list[str]]:
     parts = [p.relative_to(root).parts for p in paths]
-    if all(len(part) > 1 for part in parts):
-        names = [part[0] for part in parts]
-    elif all(_SAMPLE_NAME.match(p.stem) for p in paths):
-        names = [_SAMPLE_NAME.match(p.stem)["label"] for p in paths]
-    else:
+    if not all(len(part) > 1 for part in parts):
         return None, []
+    names = [part[0] for part in parts]
     class_names = sorted(set(names))
     return [class_names.index(n) for n in names], class_names
 
