@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from fiberaug.errors import UserError
 from fiberaug.imaging import to_uint8
 from fiberaug.metrics import (
+    COPY_RATIO,
     CHEAP,
     SKIPPED_NOTE,
     class_consistency,
@@ -301,6 +302,35 @@ def test_memorisation_does_not_flag_held_out_real_images():
     assert result.copies.double().mean() <= 0.01
     assert result.values()["memorisation"] == result.copies.double().mean().item()
     assert result.values()["memorisation/median_ratio"] > 0.5
+
+
+def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Each image re-encoded as a JPEG of that quality and decoded."""
+    from PIL import Image
+
+    out = []
+    for array in to_uint8(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(buffer, "JPEG", quality=quality)
+        decoded = np.asarray(Image.open(buffer), dtype=np.float32).reshape(array.shape)
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(out)
+
+
+def test_copies_are_found_where_the_training_set_holds_near_duplicates_of_its_own():
+    """A fifth of the training digits twice (the second noised, as a photo shot twice): d2 is then as small as d1 for
+    their copies, which the ratio alone misses; d1 against the set's own neighbour distances finds them. Shifted
+    by a pixel, they are found through the shifts."""
+    images = digits(16)[0]
+    twinned = images[:60]
+    train = torch.cat([images[:300], noisy(twinned, 0.05)])
+    planted = {"exact": twinned, "JPEG 75": jpeg(twinned, 75), "shifted a pixel": torch.roll(twinned, 1, dims=3)}
+    for name, copies in planted.items():
+        result = memorisation(copies, train)
+        assert result.copies.all(), f"{name}: {result.copies.double().mean():.0%} flagged"
+    assert (memorisation(planted["JPEG 75"], train).ratio > COPY_RATIO).double().mean() > 0.9  # the ratio alone
+    held_out = memorisation(images[N_TRAIN:], train)
+    assert held_out.copies.double().mean() <= 0.01 and held_out.scale > 0
 
 
 def test_memorisation_does_not_depend_on_the_chunk_size():

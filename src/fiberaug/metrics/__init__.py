@@ -12,13 +12,14 @@ from fiberaug.metrics.evaluation import CHEAP, METRICS, Evaluation, evaluate_ima
 from fiberaug.metrics.features import embed
 from fiberaug.metrics.images import match_sets
 from fiberaug.metrics.inception import SKIPPED_NOTE, fid_kid, load_inception
-from fiberaug.metrics.memorisation import COPY_RATIO, Memorisation, memorisation, nearest_sheet
+from fiberaug.metrics.memorisation import COPY_RATIO, CopyTest, Memorisation, memorisation, nearest_sheet
 from fiberaug.metrics.prdc import prdc_from_features, precision_recall_density_coverage
 from fiberaug.metrics.swd import sliced_wasserstein
 
 __all__ = [
     "CHEAP",
     "COPY_RATIO",
+    "CopyTest",
     "METRICS",
     "SKIPPED_NOTE",
     "ClassReader",

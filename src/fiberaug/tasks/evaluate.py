@@ -95,7 +95,7 @@ def legend(name: str) -> str:
         "density": "density: how crowded the real neighbourhoods of generated images are",
         "coverage": "coverage: share of real images with a generated one nearby",
         "fid": "FID", "kid": "KID", "kid_std": "KID's spread over subsets",
-        "memorisation": "share of generated images that copy a training image (d1 < d2/3)",
+        "memorisation": "share of generated images that copy a training image (d1 < d2/3 or < m/3)",
         "class_consistency": "share of generated images read as their class",
         "classifier_accuracy": "the class reader's accuracy on held-out real images",
     }[family]
