@@ -100,7 +100,7 @@ def test_sample_script_from_every_source(base_run, lora_run, tmp_path, source):
         from fiberaug.tasks.sample import sample
 
         sample(compose_config("sample", [*args, "num_samples=2", "steps=2", f"output_dir={tmp_path}"]))
-    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == [".preview.png", "000000.png", "000001.png"]
 
 
 def test_class_conditional_export_keeps_class_names(tmp_path):

@@ -258,8 +258,8 @@ def test_sample_script_on_a_gan_checkpoint(wgan_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sampler, steps do not apply to GANModule and are ignored" in result.stdout
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*.png")) == [
-        ".preview/grid.png", "3/000000.png", "3/000002.png", "7/000001.png", "7/000003.png"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        ".preview.png", "3/000000.png", "3/000002.png", "7/000001.png", "7/000003.png"
     ]
     assert np.asarray(Image.open(tmp_path / "3" / "000000.png")).shape == (16, 16)
 

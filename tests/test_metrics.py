@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 from fiberaug.errors import UserError
 from fiberaug.imaging import to_uint8
 from fiberaug.metrics import (
-    COPY_RATIO,
     CHEAP,
+    COPY_RATIO,
     SKIPPED_NOTE,
     class_consistency,
     embed,

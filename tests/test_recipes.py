@@ -431,7 +431,7 @@ def test_v_export_samples_through_sample_py_as_its_checkpoint(v_export, tmp_path
         sample(compose_config("sample", [f"ckpt_path={v_export / source}", "num_samples=2", "steps=3",
                                          f"output_dir={out}"]))
         images[source] = _pixels(out)
-    assert list(images["export"]) == ["grid.png", "000000.png", "000001.png"]
+    assert list(images["export"]) == [".preview.png", "000000.png", "000001.png"]
     assert all(np.array_equal(images["export"][k], images["checkpoints/last.ckpt"][k]) for k in images["export"])
 
 

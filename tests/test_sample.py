@@ -4,6 +4,7 @@ refusals."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -19,8 +20,12 @@ from conftest import HANG_GUARD, ROOT, compose_config, run_script
 from PIL import Image
 
 from fiberaug.data import FolderDataModule
-from fiberaug.models import load_generator
+from fiberaug.imaging import to_uint8
+from fiberaug.jobs import read_records
+from fiberaug.models import load_generator, read_checkpoint
+from fiberaug.models.base import GenerativeModule
 from fiberaug.tasks import run_task
+from fiberaug.tasks.inputs import checkpoint_data
 from fiberaug.tasks.sample import sample
 
 
@@ -48,8 +53,9 @@ def test_sample_script_writes_a_data_set_with_a_record_of_each_image(trained_run
     first = np.asarray(Image.open(tmp_path / "0" / "000000.png"))
     assert first.shape == (8, 8)  # the trained size, grayscale
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
-    assert [(r["file_name"], r["label"], r["index"]) for r in rows] == [
-        (f"{i}/{i:06d}.png", str(i), i) for i in range(5)]
+    assert [(r["file_name"], r["label"], r["index"], r["draw"]) for r in rows] == [
+        (f"{i}/{i:06d}.png", str(i), i, i) for i in range(5)]
+    assert all(r["copy_score"] > 1 / 3 for r in rows)  # the copy filter is on by default; the model copies nothing
     checkpoint_sha256 = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert {(r["seed"], r["checkpoint_sha256"], r["model"], r["sampler"], r["steps"]) for r in rows} == {
         (0, checkpoint_sha256, "DiffusionModule", "ddim", 3)}
@@ -59,7 +65,7 @@ def test_sample_script_writes_a_data_set_with_a_record_of_each_image(trained_run
     assert "sample.py" in run["command"] and run["versions"]["torch"] == torch.__version__
     # The preview: one column per class drawn, each sample enlarged ×8 under a band with the class names; hidden, so
     # that readers of the data set (data=folder, ImageFolder) do not take it for an image of it.
-    grid = np.asarray(Image.open(tmp_path / ".preview" / "grid.png"))
+    grid = np.asarray(Image.open(tmp_path / ".preview.png"))
     header = grid.shape[0] - (64 + 4)
     assert grid.shape[1] == 5 * 66 + 2 and header >= 14 and grid[:header].max() > 128
     assert np.array_equal(grid[header + 2 : header + 66, 2:66], np.kron(first, np.ones((8, 8), np.uint8)))
@@ -97,6 +103,67 @@ def test_a_killed_run_then_the_same_command_ends_as_one_uninterrupted_run(traine
     for run in runs:  # the two differ only in the command line that made them
         assert f"output_dir={tmp_path}" in run.pop("command")
     assert resumed == clean and runs[0] == runs[1]
+
+
+class Planted:
+    """Stands in for the model's sampling: draw i gives a held-out digit of the class asked for, except the draws
+    in `plant`, which give the image made from a training digit of that class (copies) or a digit of another class."""
+
+    def __init__(self, ckpt: Path, plant: dict[int, str]) -> None:
+        data = checkpoint_data(read_checkpoint(ckpt))
+        self.train, self.train_labels = data.reference_images("train")
+        self.held, self.held_labels = data.reference_images("val")
+        self.plant = plant
+
+    def __call__(self, model, draws, labels, seed=0, progress=False, **options) -> torch.Tensor:
+        images = []
+        for draw, label in zip(draws, labels.tolist()):
+            how = self.plant.get(draw)
+            if how == "off-class":
+                label = (label + 1) % 10
+            pool, pool_labels = (self.held, self.held_labels) if how in (None, "off-class") else (
+                self.train, self.train_labels)
+            mine = [i for i, known in enumerate(pool_labels) if known == label]
+            image = pool[mine[draw % len(mine)]]
+            if how == "jpeg":
+                buffer = io.BytesIO()
+                Image.fromarray(((image[0] + 1) * 127.5).round().byte().numpy()).save(buffer, "JPEG", quality=75)
+                image = torch.from_numpy(np.asarray(Image.open(buffer), np.float32))[None] / 127.5 - 1
+            elif how == "shifted":
+                image = torch.roll(image, 1, dims=2)
+            images.append(image)
+        return torch.stack(images)
+
+
+def test_copies_and_off_class_images_are_rejected_recorded_and_replaced(trained_run, tmp_path, monkeypatch):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    planted = Planted(ckpt, {0: "exact", 1: "jpeg", 2: "shifted", 4: "off-class"})
+    monkeypatch.setattr(GenerativeModule, "sample_draws", lambda model, *a, **k: planted(model, *a, **k))
+    out = _sample(ckpt, tmp_path / "d", "num_samples=6", "batch_size=6", "filter.min_class_confidence=0.5",
+                  "keep_rejected=true")
+    records = list(read_records(out / "manifest.jsonl"))
+    assert [(r["draw"], r["status"], r.get("reason")) for r in records[:6]] == [
+        (0, "rejected", "copy"), (1, "rejected", "copy"), (2, "rejected", "copy"), (3, "ok", None),
+        (4, "rejected", "off-class"), (5, "ok", None)]
+    assert all(r["copy_score"] < 1 / 3 for r in records[:3]) and records[4]["class_confidence"] < 0.5
+    # The empty positions 0, 1, 2 and 4 are drawn again, with their classes, by the next batch (draws 6 to 9).
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["label"], r["draw"]) for r in rows] == [
+        (0, "0", 6), (1, "1", 7), (2, "2", 8), (3, "3", 3), (4, "4", 9), (5, "5", 5)]
+    assert sorted(p.relative_to(tmp_path / "d-rejected").as_posix() for p in (tmp_path / "d-rejected").rglob("*")
+                  if p.is_file()) == ["0/000000.png", "1/000001.png", "2/000002.png", "4/000004.png"]
+    copy = np.asarray(Image.open(tmp_path / "d-rejected" / "0" / "000000.png"))
+    assert any(np.array_equal(copy, image[..., 0]) for image in to_uint8(planted.train))  # the exact copy, as drawn
+
+
+def test_sampling_stops_at_max_attempts_with_what_it_kept(trained_run, tmp_path, monkeypatch):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    planted = Planted(ckpt, {i: "exact" for i in range(1, 100)})  # only draw 0 is new
+    monkeypatch.setattr(GenerativeModule, "sample_draws", lambda model, *a, **k: planted(model, *a, **k))
+    cfg = compose_config("sample", [f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "num_samples=3", "max_attempts=5"])
+    with pytest.raises(SystemExit, match=r"only 1 of 3 images were accepted in max_attempts=5 draws \(4 copy\)"):
+        run_task(sample, cfg)
+    assert sorted(_pixels(tmp_path)) == ["0/000000.png"]
 
 
 def test_another_job_in_the_folder_is_refused_unless_overwrite(trained_run, tmp_path):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.linear_model import RidgeClassifier
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -39,9 +39,22 @@ class ClassReader:
         """The class index it reads in each image (brought to the real images' size first)."""
         return self.classifier.predict(embed(conform(images, *self.size)))
 
+    def confidence(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> np.ndarray:
+        """The probability it gives each image's own class (0 for a class it never saw); needs a reader fitted
+        with `probabilities=True`."""
+        probabilities = self.classifier.predict_proba(embed(conform(images, *self.size)))
+        columns = {int(c): i for i, c in enumerate(self.classifier.classes_)}
+        labels = np.asarray(labels, dtype=np.int64)
+        known = np.array([label in columns for label in labels])
+        picked = probabilities[np.arange(len(labels)), [columns.get(int(label), 0) for label in labels]]
+        return np.where(known, picked, 0.0)
 
-def fit_reader(images: torch.Tensor, labels: Sequence[int] | torch.Tensor, *, seed: int = 0) -> ClassReader:
-    """Fit on a seeded 80% of the real labelled images (stratified by class) and score on the rest."""
+
+def fit_reader(
+    images: torch.Tensor, labels: Sequence[int] | torch.Tensor, *, seed: int = 0, probabilities: bool = False
+) -> ClassReader:
+    """Fit on a seeded 80% of the real labelled images (stratified by class) and score on the rest.
+    `probabilities`: a logistic regression instead of the ridge classifier, for `ClassReader.confidence`."""
     images = check_images(images, "real")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):
@@ -54,7 +67,8 @@ def fit_reader(images: torch.Tensor, labels: Sequence[int] | torch.Tensor, *, se
     fit_x, test_x, fit_y, test_y = train_test_split(
         features, labels, test_size=max(HELD_OUT, len(classes) / len(labels)), stratify=labels, random_state=seed
     )
-    classifier = make_pipeline(StandardScaler(), RidgeClassifier(alpha=RIDGE_ALPHA)).fit(fit_x, fit_y)
+    head = LogisticRegression(C=0.1, max_iter=2000) if probabilities else RidgeClassifier(alpha=RIDGE_ALPHA)
+    classifier = make_pipeline(StandardScaler(), head).fit(fit_x, fit_y)
     return ClassReader(classifier, tuple(images.shape[2:]), float(classifier.score(test_x, test_y)))
 
 

@@ -74,7 +74,7 @@ class CopyTest:
             raise UserError(f"memorisation needs at least 2 training images, got {len(train)}")
         self.images, self.threshold, self.chunk = train, threshold, chunk
         self.shift = 1 if min(train.shape[2:]) > 2 else 0
-        self.train = _inner(_blur(train.float()), self.shift).flatten(1)
+        self.train = _blur(_inner(train.float(), self.shift)).flatten(1)
         self.train_sq = self.train.square().sum(dim=1)
         queries = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:SCALE_IMAGES]
         own = torch.cat([self._distances(self.train[part], part) for part in queries.split(chunk)])
@@ -87,23 +87,24 @@ class CopyTest:
         if train.shape != self.images.shape:
             raise UserError(f"generated images of shape {tuple(fake.shape[1:])} cannot be judged against training "
                             f"images of shape {tuple(self.images.shape[1:])}")
-        pairs = [self._two_nearest(part) for part in _blur(fake.float()).split(self.chunk)]
+        pairs = [self._two_nearest(part) for part in fake.float().split(self.chunk)]
         nearest, distances = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         ratio = torch.where(distances[:, 1] > 0, distances[:, 0] / distances[:, 1].clamp_min(1e-12), 0.0)
         return Memorisation(nearest, distances, ratio, self.scale, self.threshold)
 
     def _distances(self, flat: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Squared-distance matrix of unshifted, already blurred and cropped rows against the training set."""
+        """Distance matrix of blurred windows (flattened) against the training set's."""
         squared = flat.square().sum(dim=1, keepdim=True) + self.train_sq - 2 * flat @ self.train.T
         if exclude is not None:
             squared[torch.arange(len(flat)), exclude] = torch.inf
         return squared.clamp_min(0).div(self.train.shape[1]).sqrt()
 
-    def _two_nearest(self, blurred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _two_nearest(self, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two nearest training images of each generated one, by the smallest distance over the shifts, and
-        those distances computed exactly (the fast ‖f‖² + ‖t‖² − 2 f·t form rounds an exact copy's 0 up)."""
-        s, (height, width) = self.shift, blurred.shape[2:]
-        shifted = [blurred[:, :, s + dy : height - s + dy, s + dx : width - s + dx].flatten(1)
+        those distances computed exactly (the fast ‖f‖² + ‖t‖² − 2 f·t form rounds an exact copy's 0 up). Each
+        shifted window is blurred on its own, as the training images' interior: a shifted copy matches exactly."""
+        s, (height, width) = self.shift, fake.shape[2:]
+        shifted = [_blur(fake[:, :, s + dy : height - s + dy, s + dx : width - s + dx]).flatten(1)
                    for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
         distances = torch.stack([self._distances(flat) for flat in shifted])  # shifts × N × train
         nearest = torch.topk(distances.min(dim=0).values, 2, dim=1, largest=False).indices

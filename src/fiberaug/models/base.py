@@ -164,22 +164,22 @@ class GenerativeModule(FiberAugModule):
         with tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, num_samples, batch_size):
                 stop = min(start + batch_size, num_samples)
-                batches.append(self.sample_range(start, stop, label_idx, seed, progress, **options))
+                batch_labels = label_idx[start:stop] if label_idx is not None else None
+                batches.append(self.sample_draws(range(start, stop), batch_labels, seed, progress, **options))
                 bar.update(stop - start)
         return torch.cat(batches)
 
     @torch.no_grad()
-    def sample_range(
-        self, start: int, stop: int, label_idx: torch.Tensor | None, seed: int = 0, progress: bool = False,
+    def sample_draws(
+        self, draws: Sequence[int], labels: torch.Tensor | None, seed: int = 0, progress: bool = False,
         **options: Any,
     ) -> torch.Tensor:
-        """Samples `start` to `stop` (exclusive) of a seeded series, in [-1, 1] on the CPU, in eval mode: sample i's
-        noise comes from (seed, i) alone, so it does not depend on batch size or order. `label_idx`: every sample's
-        class index (`label_indices`), or None."""
+        """The images of the given draws of a seeded series, in [-1, 1] on the CPU, in eval mode: draw i's noise
+        comes from (seed, i) alone, so it does not depend on batch size or order. `labels`: each draw's class index,
+        or None."""
         was_training = self.training
         self.eval()
-        generators = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
-        batch_labels = label_idx[start:stop] if label_idx is not None else None
-        images = self.generate(batch_labels, generators, progress=progress, **options).float().cpu()
+        generators = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in draws]
+        images = self.generate(labels, generators, progress=progress, **options).float().cpu()
         self.train(was_training)
         return images

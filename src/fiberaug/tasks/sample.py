@@ -1,5 +1,11 @@
 """The sampling task: a synthetic data set from a trained model, written batch by batch, resumably, with a record of
-how each image was made (`fiberaug.jobs`: the job in run.json, one manifest line per image)."""
+how each image was made (`fiberaug.jobs`: the job in run.json, one manifest line per draw), curated by the filters
+of `fiberaug.tasks.curation`.
+
+The data set has `count` positions, each with its class. Every batch draws the first positions still empty, draw i
+from the noise of (seed, i); a draw the filters reject leaves its position to a later batch. Without filters draw i
+fills position i. A run's batches follow from the records of the earlier ones alone, so a resumed run redraws the
+batch it was killed in and goes on exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import json
 import logging
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +31,12 @@ from fiberaug.imaging import labelled_grid, save_png, to_uint8
 from fiberaug.jobs import MANIFEST, Manifest, read_records, start_job, versions
 from fiberaug.models import load_generator
 from fiberaug.models.base import GenerativeModule
+from fiberaug.tasks.curation import Curation, build_curation
 
 log = logging.getLogger(__name__)
 
 METADATA = "metadata.jsonl"
-PREVIEW = ".preview/grid.png"  # hidden: ImageFolder readers and data=folder skip it
+PREVIEW = ".preview.png"  # hidden, at the top: data=folder, Hugging Face and torchvision ImageFolder all skip it
 PREVIEW_IMAGES = 64
 PACKAGES = ("fiberaug", "torch", "pytorch-lightning", "diffusers", "numpy", "pillow")
 
@@ -82,28 +90,37 @@ def sample(cfg: DictConfig) -> Path:
     settings = {k: v for k, v in {**getattr(model, "sampling", {}), **options}.items() if k in model.sampling_options}
     checkpoint = Path(cfg.ckpt_path).expanduser().resolve()
     adapter = Path(cfg.adapter).expanduser().resolve() if cfg.get("adapter") else None
+    curation, filters = build_curation(cfg.filter, model, cfg.ckpt_path)
     job = {
         "tool": "sample", "checkpoint_sha256": content_sha256(checkpoint),
         "adapter_sha256": content_sha256(adapter) if adapter else None, "seed": cfg.seed,
-        "labels": labels, "sampling": settings, "batch_size": cfg.batch_size,
+        "labels": labels, "sampling": settings, "batch_size": cfg.batch_size, "filter": filters,
     }
     run = {"job": job, "checkpoint": str(checkpoint), "adapter": str(adapter) if adapter else None,
            "model": type(model).__name__, "class_names": model.class_names, "command": shlex.join(sys.argv),
            "versions": versions(*PACKAGES)}
+    rejected_dir = Path(cfg.rejected_dir).expanduser() if cfg.keep_rejected else None
     out.mkdir(parents=True, exist_ok=True)
     with locked_folder(out):
-        resumed = start_job(out, run, cfg.overwrite, "sample", lambda r: [r["file_name"]], (METADATA, PREVIEW))
-        made = {r["index"]: r for r in read_records(out / MANIFEST) if (out / r["file_name"]).is_file()} \
-            if resumed else {}
-        before = len(made)
+        resumed = start_job(out, run, cfg.overwrite, "sample", lambda r: [r["file_name"]] if r["file_name"] else [],
+                            (METADATA, PREVIEW))
+        draws = _replay(out) if resumed else []
+        before = len(draws)
         provenance = {"checkpoint_sha256": job["checkpoint_sha256"], "model": run["model"], **settings}
-        _write(model, out, made, count, label_idx, cfg, options, provenance)
-        rows = [made[i] for i in sorted(made)]
-        write_atomic(out / METADATA, b"".join(json.dumps(_metadata(r)).encode() + b"\n" for r in rows))
-        _preview(out, rows[:PREVIEW_IMAGES], model.label_names(labels))
-    log.info("sample: %d images in %s (%d written now, %d from an earlier run of this job)%s", len(made), out,
-             len(made) - before, before,
-             f"; the folder holds {len(made) - count} beyond num_samples" if len(made) > count else "")
+        writer = Writer(model, out, rejected_dir, curation, count, label_idx, cfg, options, provenance)
+        writer.run(draws, _max_draws(cfg, count))
+        kept = sorted((d for d in draws if d["status"] == "ok" and d["index"] < count), key=lambda d: d["index"])
+        write_atomic(out / METADATA, b"".join(json.dumps(_metadata(r)).encode() + b"\n" for r in kept))
+        _preview(out, kept[:PREVIEW_IMAGES], model.label_names(labels))
+    reasons = Counter(d["reason"] for d in draws if d["status"] == "rejected")
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    log.info("sample: %d images in %s; %d drawn (%d now, %d by an earlier run of this job), %d kept, %d rejected%s",
+             len(kept), out, len(draws), len(draws) - before, before, len(draws) - sum(reasons.values()),
+             sum(reasons.values()), f" ({why})" if why else "")
+    if len(kept) < count:
+        raise UserError(f"sample: only {len(kept)} of {count} images were accepted in max_attempts={len(draws)} draws "
+                        f"({why}); the data set so far is in {out}: rerun with a larger max_attempts to go on, or "
+                        "relax the filter")
     return out
 
 
@@ -129,38 +146,88 @@ def _count(cfg: DictConfig, model: GenerativeModule, labels: Any) -> int:
     return per_class * len(model.label_names(labels))
 
 
-def _write(
-    model: GenerativeModule, out: Path, made: dict[int, dict], count: int, label_idx: torch.Tensor | None,
-    cfg: DictConfig, options: dict[str, Any], provenance: dict[str, Any],
-) -> None:
-    """Sample the batches that are not all made yet (the same batches as an uninterrupted run), each image written
-    atomically before its manifest line, so memory stays one batch whatever `count`."""
-    manifest = Manifest(out / MANIFEST)
-    try:
-        with tqdm(total=count, initial=sum(i < count for i in made), desc="sampling", unit="img") as bar:
-            for start in range(0, count, cfg.batch_size):
-                stop = min(start + cfg.batch_size, count)
-                if all(i in made for i in range(start, stop)):
-                    continue
-                images = to_uint8(model.sample_range(start, stop, label_idx, cfg.seed, **options))
-                for i, image in zip(range(start, stop), images):
-                    if i in made:
-                        continue
-                    label = model.class_names[label_idx[i]] if label_idx is not None else None
-                    name = f"{label}/{i:06d}.png" if label is not None else f"{i:06d}.png"
-                    data = write_image(out / name, image)
-                    record = {"index": i, "file_name": name, "label": label, "seed": cfg.seed, "status": "ok",
-                              "sha256": hashlib.sha256(data).hexdigest(), **provenance}
-                    manifest.append(record)
-                    made[i] = record
-                    bar.update()
-    finally:
-        manifest.close()
+def _max_draws(cfg: DictConfig, count: int) -> int:
+    attempts = cfg.max_attempts if cfg.max_attempts is not None else 4 * count
+    if not isinstance(attempts, int) or attempts < count:
+        raise UserError(f"max_attempts={attempts!r} must be an integer of at least the images asked for ({count})")
+    return attempts
+
+
+def _replay(out: Path) -> list[dict[str, Any]]:
+    """The draws of an earlier run of the job, in order, up to the first batch it did not finish (killed in it) or
+    whose kept files are gone: from there the batches are drawn again, as the uninterrupted run drew them. The
+    manifest is cut to match."""
+    records = list(read_records(out / MANIFEST))
+    per_batch = Counter(r["batch"] for r in records)
+    done = 0
+    while done < len(records):
+        batch = records[done : done + records[done]["batch_draws"]]
+        if per_batch[batch[0]["batch"]] != len(batch) or len(batch) != batch[0]["batch_draws"] or not all(
+            (out / r["file_name"]).is_file() for r in batch if r["file_name"]
+        ):
+            break
+        done += len(batch)
+    if done < len(records):
+        write_atomic(out / MANIFEST, b"".join(json.dumps(r).encode() + b"\n" for r in records[:done]))
+    return records[:done]
+
+
+class Writer:
+    """Draws batches for the empty positions, judges and writes each image atomically before its manifest line, so
+    memory stays one batch whatever the count."""
+
+    def __init__(
+        self, model: GenerativeModule, out: Path, rejected_dir: Path | None, curation: Curation, count: int,
+        label_idx: torch.Tensor | None, cfg: DictConfig, options: dict[str, Any], provenance: dict[str, Any],
+    ) -> None:
+        self.model, self.out, self.rejected_dir, self.curation = model, out, rejected_dir, curation
+        self.count, self.label_idx, self.cfg, self.options, self.provenance = count, label_idx, cfg, options, provenance
+
+    def run(self, draws: list[dict[str, Any]], max_draws: int) -> None:
+        """Go on from `draws` (appending to it) until every position is filled or `max_draws` are drawn."""
+        filled = {d["index"] for d in draws if d["status"] == "ok"}
+        manifest = Manifest(self.out / MANIFEST)
+        try:
+            with tqdm(total=self.count, initial=len(filled & set(range(self.count))), desc="sampling",
+                      unit="img") as bar:
+                while len(draws) < max_draws:
+                    empty = [i for i in range(self.count) if i not in filled][: self.cfg.batch_size]
+                    if not empty:
+                        break
+                    empty = empty[: max_draws - len(draws)]
+                    for record in self._batch(len(draws), empty):
+                        manifest.append(record)
+                        draws.append(record)
+                        if record["status"] == "ok":
+                            filled.add(record["index"])
+                            bar.update()
+        finally:
+            manifest.close()
+
+    def _batch(self, first: int, positions: list[int]) -> list[dict[str, Any]]:
+        numbers = range(first, first + len(positions))
+        labels = self.label_idx[positions] if self.label_idx is not None else None
+        images = to_uint8(self.model.sample_draws(numbers, labels, self.cfg.seed, **self.options))
+        verdicts = self.curation.judge(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, labels)
+        records = []
+        for k, (draw, position, image, (scores, reason)) in enumerate(zip(numbers, positions, images, verdicts)):
+            label = self.model.class_names[labels[k]] if labels is not None else None
+            folder = f"{label}/" if label is not None else ""
+            record = {"index": position, "file_name": None, "label": label, "draw": draw, "seed": self.cfg.seed,
+                      **scores, **self.provenance, "batch": first, "batch_draws": len(positions)}
+            if reason is None:
+                record |= {"status": "ok", "file_name": f"{folder}{position:06d}.png"}
+                data = write_image(self.out / record["file_name"], image)
+            else:
+                record |= {"status": "rejected", "reason": reason}
+                data = write_image(self.rejected_dir / f"{folder}{draw:06d}.png", image) if self.rejected_dir else b""
+            records.append({**record, "sha256": hashlib.sha256(data).hexdigest() if data else None})
+        return records
 
 
 def _metadata(record: dict[str, Any]) -> dict[str, Any]:
     """A metadata.jsonl row (Hugging Face ImageFolder: `file_name` first, then the image's columns)."""
-    row = {k: v for k, v in record.items() if k != "status"}
+    row = {k: v for k, v in record.items() if k not in ("status", "batch", "batch_draws")}
     if row["label"] is None:
         del row["label"]
     return row
