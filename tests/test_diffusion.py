@@ -92,7 +92,7 @@ def test_classifier_free_guidance_combines_predictions():
 
 def test_unknown_sampler_schedule_and_steps_are_refused():
     sched = noise_scheduler()
-    with pytest.raises(UserError, match="sampler='euler' is not available; choose one of: ddpm, ddim"):
+    with pytest.raises(UserError, match="sampler=.euler. is not available; choose one of: ddpm, ddim, dpmpp, unipc"):
         make_sampler(sched, "euler", 10)
     with pytest.raises(UserError, match="steps=0 must be an integer from 1 to 1000"):
         make_sampler(sched, "ddim", 0)
@@ -181,3 +181,29 @@ def test_the_validation_loss_of_given_weights_is_the_same_at_every_validation():
     names, values = zip(*logged)
     assert set(names) == {"loss/val"} and values[0] == values[1] == values[2]
     assert values[3] != values[0]  # another batch draws other timesteps and noise: the loss is not a constant
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp", "unipc"])
+def test_every_deterministic_sampler_reconstructs_a_known_signal_under_guidance(name, prediction_type):
+    """An exact denoiser for a data set of one image per class: it predicts x0 = A for the label and (A + B) / 2
+    without it, so guidance at w predicts x0 = (A + B) / 2 + w (A - B) / 2 at every step, which an exact solver
+    must end at, in 10 steps, whatever the network predicts (ε or v)."""
+    sched = noise_scheduler("cosine", prediction_type=prediction_type, clip_sample=True)
+    a, b = torch.linspace(-0.5, 0.5, 16).view(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.1)
+    alphas = sched.alphas_cumprod
+
+    def net(x, t, labels):
+        x0 = torch.where(labels.view(-1, 1, 1, 1) == 0, a, (a + b) / 2)
+        ab = alphas[t.long()].view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return eps if prediction_type == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+    eps_fn = guided(net, torch.tensor([0, 0]), null_label=1, guidance_scale=2.0)
+    sampler = make_sampler(sched, name, 10)
+    out = denoise(eps_fn, sampler, torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                  [torch.Generator().manual_seed(i) for i in range(2)])
+    assert type(sampler).__name__ == {"ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler",
+                                      "unipc": "UniPCMultistepScheduler"}[name]
+    error = (out - (1.5 * a - 0.5 * b)).abs().max().item()
+    assert error < 1e-3, error

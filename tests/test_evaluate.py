@@ -21,9 +21,11 @@ from test_metrics import TinyInception
 
 from fiberaug.callbacks import SampleMetrics
 from fiberaug.data import DigitsDataModule
+from fiberaug.imaging import to_uint8
+from fiberaug.models import read_checkpoint
 from fiberaug.tasks import run_task
 from fiberaug.tasks.evaluate import evaluate
-from fiberaug.tasks.inputs import read_folder, stratified_subset
+from fiberaug.tasks.inputs import checkpoint_data, read_folder, stratified_subset
 from fiberaug.tasks.train import train
 
 
@@ -244,6 +246,27 @@ def test_utility_table_end_to_end_on_a_tiny_split(trained_run, tmp_path):
     assert all(len(row["runs"]) == 2 for row in table["accuracy"].values())
     assert table["accuracy"]["real"]["mean"] > 0.4, "100 real digits taught the classifier next to nothing"
     assert "real + classical + synthetic" in result.stdout and "±" in result.stdout
+
+
+def test_utility_measures_a_written_data_set_named_by_its_run_json(trained_run, tmp_path):
+    """Stand-ins for data sets sample.py wrote: 30 more training digits per class, in their own class folders or in
+    the next class's. Read by their folders, the first helps the 10-shot classifier and the second ruins it."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    images, labels = checkpoint_data(read_checkpoint(ckpt)).reference_images("train")
+    accuracy = {}
+    for shift in (0, 1):
+        written = tmp_path / f"written{shift}"
+        for c in range(10):
+            for k, i in enumerate([i for i, label in enumerate(labels) if label == c][-30:]):
+                save(written / str((c + shift) % 10) / f"{k:06d}.png", to_uint8(images[i : i + 1])[0, ..., 0])
+        (written / "run.json").write_text(json.dumps({"checkpoint": str(ckpt)}))
+        cfg = compose_config("evaluate", ["task=utility", f"synthetic_dir={written}", f"output_dir={written}-u",
+                                          "utility.seeds=1", "utility.steps=150"])
+        table = run_task(evaluate, cfg)
+        assert table["synthetic"] == str(written) and table["synthetic_per_class"] == 30
+        accuracy[shift] = {name: row["mean"] for name, row in table["accuracy"].items()}
+    assert accuracy[0]["real + synthetic"] >= accuracy[0]["real"] > 0.8, accuracy
+    assert accuracy[1]["real + synthetic"] < 0.5 < accuracy[1]["real"], accuracy
 
 
 def test_utility_refuses_held_out_images_the_generator_was_trained_on(trained_run, tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fiberaug.data.cache import ImageCache, default_cache_dir
-from fiberaug.data.datasets import AugmentedImages, EpochSampler
+from fiberaug.data.datasets import AugmentedImages, EpochSampler, MixedImages
 from fiberaug.data.images import IMAGE_EXTENSIONS, list_images
 from fiberaug.data.pipelines import scaled_side, sized_pipeline
 from fiberaug.errors import UserError
@@ -54,6 +54,8 @@ class ImageDataModule(pl.LightningDataModule):
         labels: str = "auto",
         seed: int = 0,
         split_seed: int = 0,
+        synthetic_root: str | None = None,
+        synthetic_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         # Checkpoints keep them (evaluate.py rebuilds the same split); train.py logs its own hyperparameters.
@@ -66,6 +68,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise UserError(f"data.channels={channels!r} must be 1 (grayscale) or 3 (RGB)")
         if not 0 <= val_fraction < 1:
             raise UserError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
+        if synthetic_root and not 0 < synthetic_fraction < 1:
+            raise UserError(f"data.synthetic_fraction={synthetic_fraction} must lie in (0, 1): the share of each "
+                            "training epoch drawn from data.synthetic_root")
         self.image_size = image_size
         self.channels = channels
         self.batch_size = batch_size
@@ -84,6 +89,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.train_set: AugmentedImages | None = None
         self.val_set: AugmentedImages | None = None
+        self.synthetic_root, self.synthetic_fraction = synthetic_root, synthetic_fraction
+        self.synthetic_set: AugmentedImages | None = None  # training only, never validation
         self._gone: set[str] = set()  # files already reported missing
 
     @property
@@ -129,6 +136,8 @@ class ImageDataModule(pl.LightningDataModule):
         for training when asked."""
         self.val_set.digests = True
         self.train_set.digests = train
+        if self.synthetic_set is not None:
+            self.synthetic_set.digests = train
 
     @property
     def latent_cache_dir(self) -> Path | None:
@@ -154,6 +163,10 @@ class ImageDataModule(pl.LightningDataModule):
             "datamodule": f"{type(self).__module__}.{type(self).__qualname__}",
             "class_names": self.class_names,
             "gone": [],
+            "synthetic": None if self.synthetic_set is None else {
+                "root": str(Path(self.synthetic_root).expanduser().resolve()), "images": len(self.synthetic_set),
+                "fraction": self.synthetic_fraction,
+            },
         }
         for split, subset in (("train", self.train_set), ("val", self.val_set)):
             record[split] = []
@@ -196,6 +209,40 @@ class ImageDataModule(pl.LightningDataModule):
             "data: %d train / %d val images, %d classes, %d×%d×%d",
             len(self.train_set), len(self.val_set), self.num_classes, self.image_size, self.image_size, self.channels,
         )
+        if self.synthetic_root:
+            self.synthetic_set = self._synthetic_set()
+
+    def _synthetic_set(self) -> AugmentedImages:
+        """The images of `synthetic_root` (a data set sample.py wrote), labelled by class folders matched by name to
+        the real classes, through the training pipeline."""
+        paths, labels, names = folder_items(self.synthetic_root, "data.synthetic_root", self.labels)
+        if self.class_names:
+            if labels is None:
+                raise UserError(f"data.synthetic_root={self.synthetic_root} has no class folders, and the real images "
+                                f"have classes {self.class_names}: pass a data set with the same class folders")
+            unknown = sorted(set(names) - set(self.class_names))
+            if unknown:
+                raise UserError(f"data.synthetic_root={self.synthetic_root} has classes {unknown} that the real images "
+                                f"do not; its class folders must be among {self.class_names}")
+            labels = [self.class_names.index(names[label]) for label in labels]
+        else:
+            labels = None
+        per_epoch = self.synthetic_per_epoch
+        log.info("data: %d synthetic images in %s; each epoch adds %d of them to the %d real (fraction %.2f)",
+                 len(paths), self.synthetic_root, per_epoch, len(self.train_set), self.synthetic_fraction)
+        return AugmentedImages(paths, labels, ImageCache(self.scaled_side), self.train_transform, self.channels,
+                               self.seed)
+
+    @property
+    def synthetic_per_epoch(self) -> int:
+        """Synthetic images per epoch, beside every real training image: fraction · (real + synthetic)."""
+        f = self.synthetic_fraction
+        return round(len(self.train_set) * f / (1 - f)) if self.synthetic_root else 0
+
+    @property
+    def fit_set(self) -> AugmentedImages | MixedImages:
+        """What the training epochs draw from: the real training images, and after them the synthetic ones."""
+        return MixedImages(self.train_set, self.synthetic_set) if self.synthetic_set is not None else self.train_set
 
     def _loader(self, dataset: AugmentedImages, sampler: EpochSampler | None = None) -> DataLoader:
         return DataLoader(
@@ -214,16 +261,18 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         # Lightning starts the first iterator before its first `set_epoch`, so a resumed run names its epoch here.
         epoch, batches = self._resume or (0, 0)
+        dataset = self.fit_set
         sampler = EpochSampler(
-            self.train_set,
+            dataset,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             seed=self.seed,
             epoch=epoch,
             epoch_of=(lambda: trainer.current_epoch) if trainer else None,
+            mix=(len(self.train_set), self.synthetic_per_epoch) if self.synthetic_set is not None else None,
         )
         sampler.resume(epoch, batches * self.batch_size)
-        return self._loader(self.train_set, sampler)
+        return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if len(self.val_set) else []
@@ -299,27 +348,33 @@ class FolderDataModule(ImageDataModule):
     def load_items(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.root:
             raise UserError("data.root is not set: pass data.root=DIR, a folder of images")
-        root = Path(self.root).expanduser()
-        if not root.is_dir():
-            raise UserError(f"data.root={root} is not a folder")
-        paths = list_images(root)
-        if not paths:
-            raise UserError(f"data.root={root} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
-        paths, bad = _readable(paths)
-        if bad:
-            shown = "; ".join(f"{p.relative_to(root)} ({reason})" for p, reason in bad[:5])
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            log.warning("skipping %d unreadable image file(s) in %s: %s%s", len(bad), root, shown, more)
-        if not paths:
-            raise UserError(f"data.root={root}: none of its {len(bad)} image files could be read ({bad[0][1]})")
-        parts = [p.relative_to(root).parts for p in paths]
-        if any(len(part) == 1 for part in parts):
-            if self.labels == "auto" and any(len(part) > 1 for part in parts):
-                log.warning("images lie both in %s and in its sub-folders: training without class labels", root)
-            return paths, None, []
-        class_names = sorted({part[0] for part in parts})
-        index = {name: i for i, name in enumerate(class_names)}
-        return paths, [index[part[0]] for part in parts], class_names
+        return folder_items(self.root, "data.root", self.labels)
+
+
+def folder_items(folder: str, key: str, labels: str = "auto") -> tuple[list[Path], list[int] | None, list[str]]:
+    """Every readable image below `folder` (unreadable ones skipped with a warning), with class indices and names
+    when every image lies in a top-level sub-folder. `key` names the setting in errors."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{key}={root} is not a folder")
+    paths = list_images(root)
+    if not paths:
+        raise UserError(f"{key}={root} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    paths, bad = _readable(paths)
+    if bad:
+        shown = "; ".join(f"{p.relative_to(root)} ({reason})" for p, reason in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        log.warning("skipping %d unreadable image file(s) in %s: %s%s", len(bad), root, shown, more)
+    if not paths:
+        raise UserError(f"{key}={root}: none of its {len(bad)} image files could be read ({bad[0][1]})")
+    parts = [p.relative_to(root).parts for p in paths]
+    if any(len(part) == 1 for part in parts):
+        if labels == "auto" and any(len(part) > 1 for part in parts):
+            log.warning("images lie both in %s and in its sub-folders: training without class labels", root)
+        return paths, None, []
+    class_names = sorted({part[0] for part in parts})
+    index = {name: i for i, name in enumerate(class_names)}
+    return paths, [index[part[0]] for part in parts], class_names
 
 
 def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

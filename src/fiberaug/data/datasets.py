@@ -83,6 +83,23 @@ def pixel_digest(image: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
+class MixedImages(Dataset):
+    """Real training images, then synthetic ones, as one dataset of `(epoch, index)` keys: the real at indices
+    below `len(real)`. `EpochSampler(mix=...)` decides how many of each an epoch draws."""
+
+    def __init__(self, real: AugmentedImages, synthetic: AugmentedImages) -> None:
+        self.real, self.synthetic = real, synthetic
+
+    def __len__(self) -> int:
+        return len(self.real) + len(self.synthetic)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        epoch, index = key
+        if index < len(self.real):
+            return self.real[epoch, index]
+        return self.synthetic[epoch, index - len(self.real)]
+
+
 class EpochSampler(DistributedSampler):
     """Shuffles by (seed, epoch) and shards by rank, yielding `(epoch, index)` keys for `AugmentedImages`.
 
@@ -91,7 +108,8 @@ class EpochSampler(DistributedSampler):
     epoch. `resume(epoch, consumed)` skips what this rank already trained on when a run resumes inside
     an epoch. Lightning calls `set_epoch` before each epoch with its count of processed epochs, which
     runs one ahead of the epoch it trains after a resume from an epoch's end; `epoch_of` (the trainer's
-    current epoch) overrides that count.
+    current epoch) overrides that count. `mix=(real, per_epoch)`: the dataset's first `real` items are real and the
+    rest synthetic (`MixedImages`); an epoch is every real item and `per_epoch` synthetic ones drawn afresh.
     """
 
     def __init__(
@@ -102,10 +120,15 @@ class EpochSampler(DistributedSampler):
         seed: int = 0,
         epoch: int = 0,
         epoch_of: Callable[[], int] | None = None,
+        mix: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.epoch = epoch
         self.epoch_of = epoch_of
+        self.mix = mix
+        if mix is not None:  # an epoch is every real item and `mix[1]` of the others
+            self.num_samples = sum(mix) // num_replicas
+            self.total_size = self.num_samples * num_replicas
         self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,7 +140,15 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        if self.mix is None:
+            order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        else:  # every real item, and a fresh draw of the synthetic ones (with replacement where they are too few)
+            real, drawn = self.mix
+            others = len(self.dataset) - real
+            synthetic = (torch.randperm(others, generator=generator)[:drawn] if drawn <= others
+                         else torch.randint(others, (drawn,), generator=generator))
+            keys = torch.cat([torch.arange(real), real + synthetic])
+            order = keys[torch.randperm(len(keys), generator=generator)][: self.total_size]
         indices = order[self.rank :: self.num_replicas].tolist()
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]

@@ -1,7 +1,9 @@
-"""The reverse process: DDPM/DDIM denoising loops with classifier-free guidance, for any ε or v predictor."""
+"""The reverse process: DDPM, DDIM, DPM-Solver++ and UniPC denoising loops with classifier-free guidance, for any ε or
+v predictor."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -48,7 +50,9 @@ def denoise(
     samples recognisable instead of 99.8%).
     """
     step_kwargs = {"eta": eta, "use_clipped_model_output": True} if isinstance(sampler, DDIMScheduler) else {}
+    if "generator" in inspect.signature(sampler.step).parameters:  # UniPC's step draws no noise and takes none
+        step_kwargs["generator"] = generators
     x = noise
     for t in tqdm(sampler.timesteps, desc="denoising", leave=False, disable=not progress):
-        x = sampler.step(eps_fn(x, t.to(x.device)), t, x, generator=generators, **step_kwargs).prev_sample
+        x = sampler.step(eps_fn(x, t.to(x.device)), t, x, **step_kwargs).prev_sample
     return x.clamp(-1, 1) if sampler.config.clip_sample else x

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+    UniPCMultistepScheduler,
+)
 
 from fiberaug.errors import UserError
 
 # Our short names for diffusers' `beta_schedule` values.
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-SAMPLERS: dict[str, type[SchedulerMixin]] = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SAMPLERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+# The multistep solvers' settings: DPM-Solver++ 2M (Lu et al. 2022) and UniPC's second-order B(h) (Zhao et al. 2023),
+# diffusers' defaults for guided sampling.
+SOLVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "unipc": {"solver_order": 2, "solver_type": "bh2"},
+}
 # What the denoiser predicts, in diffusers' names: the noise, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REFERENCE_TIMESTEPS = 1000  # the T that Ho et al.'s linear β range was chosen for
@@ -73,6 +92,10 @@ def make_sampler(train_scheduler: SchedulerMixin, name: str, steps: int) -> Sche
     num_train = train_scheduler.config.num_train_timesteps
     if not isinstance(steps, int) or not 1 <= steps <= num_train:
         raise UserError(f"steps={steps!r} must be an integer from 1 to {num_train} (the training timesteps)")
-    sampler = SAMPLERS[name].from_config(train_scheduler.config)
+    options = dict(SOLVER_OPTIONS.get(name, {}))
+    if name in SOLVER_OPTIONS and train_scheduler.config.clip_sample:
+        # Their form of DDPM/DDIM's clipped x0: thresholding at the 1.0 ceiling clips x0 to [-1, 1].
+        options |= {"thresholding": True, "sample_max_value": 1.0}
+    sampler = SAMPLERS[name].from_config(train_scheduler.config, **options)
     sampler.set_timesteps(steps)
     return sampler

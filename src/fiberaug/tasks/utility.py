@@ -1,8 +1,9 @@
 """task=utility: do a model's images help a classifier that has only a few real images per class?
 
 A small classifier is trained on `shots` real images per class, with and without classical augmentation and
-`synthetic_per_class` generated images per class, once per seed, and tested on held-out real images that the
-generator never saw (the checkpoint records its training images by content; an overlap is refused).
+`synthetic_per_class` generated images per class (or the data set in `synthetic_dir` that sample.py wrote), once
+per seed, and tested on held-out real images that the generator never saw (the checkpoint records its training
+images by content; an overlap is refused).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
 from fiberaug.metrics.utility import downstream_accuracy
 from fiberaug.models import load_generator, read_checkpoint
-from fiberaug.tasks.inputs import checkpoint_data
+from fiberaug.tasks.inputs import align_labels, checkpoint_data, read_folder
 from fiberaug.tasks.sample import resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if (out / "utility.json").exists() and not cfg.overwrite:
         raise UserError(f"output_dir={out} already holds utility.json; choose another or pass overwrite=true")
+    if cfg.synthetic_dir and not cfg.ckpt_path:  # a data set sample.py wrote names its checkpoint
+        cfg.ckpt_path = _data_set_checkpoint(Path(cfg.synthetic_dir).expanduser())
     if not cfg.ckpt_path or not Path(cfg.ckpt_path).expanduser().is_file():
         raise UserError(f"task=utility needs ckpt_path=<run>/checkpoints/<file>.ckpt (got {cfg.ckpt_path})")
     checkpoint = read_checkpoint(Path(cfg.ckpt_path).expanduser())
@@ -48,14 +51,18 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     pool, pool_labels = data.reference_images("train")
     pool_labels = torch.tensor(pool_labels)
     classes = len(data.class_names)
-    device = resolve_device(cfg.device)
-    model = load_generator(cfg.ckpt_path).to(device)
-    if model.num_classes != classes:
-        raise UserError(f"ckpt_path={cfg.ckpt_path} draws {model.num_classes} classes, the data has {classes}: "
-                        "utility needs a class-conditional model of the same classes")
-    per_class = options.synthetic_per_class
-    synthetic = model.sample(per_class * classes, seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
-    synthetic_labels = model.label_indices(None, per_class * classes).cpu()
+    if cfg.synthetic_dir:
+        synthetic, synthetic_labels = _written(cfg.synthetic_dir, data, pool.shape[1:])
+        per_class = round(len(synthetic) / classes, 1)
+    else:
+        device = resolve_device(cfg.device)
+        model = load_generator(cfg.ckpt_path).to(device)
+        if model.num_classes != classes:
+            raise UserError(f"ckpt_path={cfg.ckpt_path} draws {model.num_classes} classes, the data has {classes}: "
+                            "utility needs a class-conditional model of the same classes")
+        per_class = options.synthetic_per_class
+        synthetic = model.sample(per_class * classes, seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
+        synthetic_labels = model.label_indices(None, per_class * classes).cpu()
     augment = _classical(cfg.augment, data)
 
     results: dict[str, list[float]] = {name: [] for name in CONDITIONS}
@@ -73,6 +80,7 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     table = {
         "shots_per_class": options.shots,
         "synthetic_per_class": per_class,
+        "synthetic": str(cfg.synthetic_dir) if cfg.synthetic_dir else f"{len(synthetic)} drawn from {cfg.ckpt_path}",
         "seeds": options.seeds,
         "held_out": len(held_out),
         "generator_trained_on": len(checkpoint["fiberaug"]["data"]["train"]),
@@ -84,6 +92,28 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "utility.json", json.dumps(table, indent=2).encode())
     return table
+
+
+def _data_set_checkpoint(folder: Path) -> str:
+    """The checkpoint a sample.py data set records in its run.json."""
+    try:
+        return json.loads((folder / "run.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"synthetic_dir={folder} holds no run.json of sample.py naming its checkpoint: pass "
+                        "ckpt_path=<the run's .ckpt> too") from None
+
+
+def _written(folder: str, data: Any, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """A written data set's images at the real images' size and channels, labelled by its class folders."""
+    written = read_folder(folder, data.image_size, name="synthetic_dir")
+    labels = align_labels(written, data.class_names)
+    if labels is None:
+        raise UserError(f"synthetic_dir={folder}: its class folders {written.class_names} must be among the real "
+                        f"classes {list(data.class_names)}")
+    images = written.images
+    if images.shape[1] != shape[0]:
+        images = images.mean(dim=1, keepdim=True) if shape[0] == 1 else images.expand(-1, shape[0], -1, -1)
+    return images, torch.tensor(labels)
 
 
 def _labelled_data(cfg: DictConfig, checkpoint: dict[str, Any]) -> Any:
