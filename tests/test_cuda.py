@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config
+from PIL import Image
 from test_gan import GAN_TINY, _scalars
 
 from fiberaug.models import load_generator
@@ -85,6 +86,29 @@ def test_samples_on_the_gpu_match_the_cpu(trained_run):
     cpu = model.sample(4, seed=3, steps=4)
     gpu = model.to("cuda").sample(4, seed=3, steps=4)
     assert gpu.device.type == "cpu" and torch.allclose(cpu, gpu, atol=2e-2)
+
+
+def test_sample_py_on_cuda_denoises_under_float16_autocast_close_to_the_cpu(trained_run, tmp_path, monkeypatch):
+    from fiberaug.models.base import GenerativeModule
+    from fiberaug.tasks.sample import sample
+
+    dtypes = []
+    original = GenerativeModule.sample_draws
+
+    def recording(model, *args, **kwargs):
+        dtypes.append(torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(GenerativeModule, "sample_draws", recording)
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_path={ckpt}", "num_samples=4", "steps=4", "filter.max_copy_ratio=null"]
+    gpu = sample(compose_config("sample", [*common, "device=cuda", f"output_dir={tmp_path / 'gpu'}"]))
+    cpu = sample(compose_config("sample", [*common, "device=cpu", f"output_dir={tmp_path / 'cpu'}"]))
+    assert dtypes == [torch.float16, None]
+    for path in sorted(cpu.rglob("[!.]*/*.png")):
+        a = np.asarray(Image.open(path), dtype=int)
+        b = np.asarray(Image.open(gpu / path.relative_to(cpu)), dtype=int)
+        assert np.abs(a - b).max() <= 8, path
 
 
 def test_adam_and_adamw_are_fused_on_cuda(tmp_path):

@@ -166,6 +166,19 @@ def test_sampling_stops_at_max_attempts_with_what_it_kept(trained_run, tmp_path,
     assert sorted(_pixels(tmp_path)) == ["0/000000.png"]
 
 
+def test_each_batch_is_on_disk_before_the_next_is_drawn(trained_run, tmp_path, monkeypatch):
+    """Streaming, so memory stays one batch whatever num_samples (benchmarks/samplers.py measures the peak)."""
+    seen, original = [], GenerativeModule.sample_draws
+
+    def counting(model, draws, *args, **kwargs):
+        seen.append((list(draws), len(_pixels(tmp_path)), len((tmp_path / "manifest.jsonl").read_bytes().splitlines())))
+        return original(model, draws, *args, **kwargs)
+
+    monkeypatch.setattr(GenerativeModule, "sample_draws", counting)
+    _sample(trained_run / "checkpoints" / "last.ckpt", tmp_path, "num_samples=5", "batch_size=2", "steps=1")
+    assert seen == [([0, 1], 0, 0), ([2, 3], 2, 2), ([4], 4, 4)]
+
+
 def test_another_job_in_the_folder_is_refused_unless_overwrite(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     _sample(ckpt, tmp_path, "num_samples=3", "steps=1")
@@ -247,3 +260,19 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     cfg = compose_config("sample", [f"ckpt_path={tmp_path / 'model.ckpt'}", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(SystemExit, match=r"is not a FiberAug checkpoint \(a \.ckpt written by train\.py\) or export"):
         run_task(sample, cfg)
+
+
+def test_hugging_face_imagefolder_loads_the_data_set_with_its_metadata(trained_run, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = _sample(trained_run / "checkpoints" / "last.ckpt", tmp_path / "d", "num_samples=4", "labels=[2,5]",
+                  "steps=2")
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    rows = sorted(loaded, key=lambda row: row["index"])
+    assert [(row["label"], row["index"], row["draw"]) for row in rows] == [("2", 0, 0), ("5", 1, 1), ("2", 2, 2),
+                                                                           ("5", 3, 3)]
+    pixels = _pixels(out)
+    assert all(np.array_equal(np.asarray(row["image"]), pixels[f"{row['label']}/{row['index']:06d}.png"])
+               for row in rows)
+    assert {row["checkpoint_sha256"] for row in rows} == {json.loads((out / "run.json").read_text())["job"][
+        "checkpoint_sha256"]}

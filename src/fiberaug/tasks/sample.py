@@ -207,7 +207,9 @@ class Writer:
     def _batch(self, first: int, positions: list[int]) -> list[dict[str, Any]]:
         numbers = range(first, first + len(positions))
         labels = self.label_idx[positions] if self.label_idx is not None else None
-        images = to_uint8(self.model.sample_draws(numbers, labels, self.cfg.seed, **self.options))
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda" and self.cfg.autocast):
+            images = to_uint8(self.model.sample_draws(numbers, labels, self.cfg.seed, **self.options))
         verdicts = self.curation.judge(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, labels)
         records = []
         for k, (draw, position, image, (scores, reason)) in enumerate(zip(numbers, positions, images, verdicts)):
