@@ -1,6 +1,8 @@
 """Samplers on the digits DDPM: quality (SWD) against steps, and `sample.py`'s speed and memory.
 
-    python benchmarks/samplers.py                      # trains the default digits DDPM first (python train.py)
+    python benchmarks/samplers.py                      # trains the default digits DDPM first (python train.py),
+                                                       # into outputs/benchmarks/digits_ddpm (benchmarks/curation.py
+                                                       # uses it too)
     python benchmarks/samplers.py --ckpt outputs/train/runs/<run>/checkpoints/last.ckpt
 
 1. SWD (×1e3, against the checkpoint's training digits) of `--count` samples of DDIM, DPM-Solver++ 2M and UniPC at
@@ -26,8 +28,8 @@ SAMPLERS = ("ddim", "dpmpp", "unipc")
 STEPS = (10, 20, 50)
 
 
-def trained_checkpoint(folder: Path) -> Path:
-    run = folder / "digits_ddpm"
+def trained_checkpoint(run: Path = ROOT / "outputs" / "benchmarks" / "digits_ddpm") -> Path:
+    """The default digits DDPM (`python train.py`), trained once."""
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}"], check=True,
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000, help="samples per SWD")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt or trained_checkpoint(Path(tmp))
+        ckpt = args.ckpt or trained_checkpoint()
         print(f"digits DDPM {ckpt}; CPU, torch {torch.__version__}; SWD x1e3 of {args.count} samples:")
         table = swd_table(ckpt, args.count)
         print(f"{'sampler':<10}" + "".join(f"{f'{s} steps':>12}" for s in STEPS) + f"{'reaches DDIM-50 at':>22}")

@@ -261,7 +261,7 @@ def test_utility_measures_a_written_data_set_named_by_its_run_json(trained_run, 
                 save(written / str((c + shift) % 10) / f"{k:06d}.png", to_uint8(images[i : i + 1])[0, ..., 0])
         (written / "run.json").write_text(json.dumps({"checkpoint": str(ckpt)}))
         cfg = compose_config("evaluate", ["task=utility", f"synthetic_dir={written}", f"output_dir={written}-u",
-                                          "utility.seeds=1", "utility.steps=150"])
+                                          "utility.seeds=1", "utility.steps=80"])
         table = run_task(evaluate, cfg)
         assert table["synthetic"] == str(written) and table["synthetic_per_class"] == 30
         accuracy[shift] = {name: row["mean"] for name, row in table["accuracy"].items()}
