@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fiberaug.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_channels
+from fiberaug.data.images import IMAGE_EXTENSIONS, list_folder, list_images, read_image, to_channels
 from fiberaug.data.pipelines import build_transforms, sized_pipeline
 
 # The DataModules import Lightning, which tools that only read and write images (augment.py) do not need.
@@ -14,6 +14,7 @@ __all__ = [
     "FolderDataModule",
     "ImageDataModule",
     "build_transforms",
+    "list_folder",
     "list_images",
     "read_image",
     "sized_pipeline",

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from fiberaug.data.cache import ImageCache, default_cache_dir
 from fiberaug.data.datasets import AugmentedImages, EpochSampler, MixedImages
-from fiberaug.data.images import IMAGE_EXTENSIONS, list_images
+from fiberaug.data.images import list_folder
 from fiberaug.data.pipelines import scaled_side, sized_pipeline
 from fiberaug.errors import UserError
 from fiberaug.seeding import derive_seed
@@ -354,12 +354,7 @@ class FolderDataModule(ImageDataModule):
 def folder_items(folder: str, key: str, labels: str = "auto") -> tuple[list[Path], list[int] | None, list[str]]:
     """Every readable image below `folder` (unreadable ones skipped with a warning), with class indices and names
     when every image lies in a top-level sub-folder. `key` names the setting in errors."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{key}={root} is not a folder")
-    paths = list_images(root)
-    if not paths:
-        raise UserError(f"{key}={root} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    root, paths = list_folder(folder, key)
     paths, bad = _readable(paths)
     if bad:
         shown = "; ".join(f"{p.relative_to(root)} ({reason})" for p, reason in bad[:5])

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -32,6 +33,18 @@ def list_images(root: Path) -> list[Path]:
         for p in root.rglob("*")
         if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def list_folder(root: str | Path, name: str = "folder") -> tuple[Path, list[Path]]:
+    """The folder and its images (hidden ones, such as sample.py's `.preview.png`, left out); a missing folder or one
+    without images is refused, naming the setting `name`."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{name}={folder} is not a folder")
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"{name}={folder} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return folder, paths
 
 
 def read_image(source: Path | bytes, min_side: int | None = None) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fiberaug.data import IMAGE_EXTENSIONS, list_images, read_image, sized_pipeline, to_channels
+from fiberaug.data import list_folder, read_image, sized_pipeline, to_channels
 from fiberaug.errors import UserError
 from fiberaug.models import GenerativeModule
 
@@ -28,18 +28,6 @@ class ImageSet:
     class_names: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)  # content hashes, where known
     available: int | None = None  # how many the source held, when only a subset was taken
-
-
-def list_folder(root: str | Path, name: str = "folder") -> tuple[Path, list[Path]]:
-    """The folder and its images (hidden ones, such as sample.py's `.preview/`, left out); a missing folder or one
-    without images is refused."""
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"{name}={folder} is not a folder")
-    paths = list_images(folder)
-    if not paths:
-        raise UserError(f"{name}={folder} holds no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
-    return folder, paths
 
 
 def read_folder(root: str | Path, size: int, limit: int | None = None, name: str = "folder", seed: int = 0) -> ImageSet:
