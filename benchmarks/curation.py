@@ -41,7 +41,7 @@ def main() -> None:
     for name, filters in FILTERS.items():
         data = args.out / name
         run("sample.py", f"ckpt_path={ckpt}", f"output_dir={data}", f"num_per_class={args.per_class}", *filters,
-            "max_attempts=100000")
+            "max_attempts=100000", "sampler=dpmpp", "steps=20", "overwrite=true")  # the default sampler
         records = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
         reasons = Counter(r.get("reason") for r in records if r["status"] == "rejected")
         drawn = len(records)

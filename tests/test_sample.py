@@ -58,7 +58,7 @@ def test_sample_script_writes_a_data_set_with_a_record_of_each_image(trained_run
     assert all(r["copy_score"] > 1 / 3 for r in rows)  # the copy filter is on by default; the model copies nothing
     checkpoint_sha256 = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert {(r["seed"], r["checkpoint_sha256"], r["model"], r["sampler"], r["steps"]) for r in rows} == {
-        (0, checkpoint_sha256, "DiffusionModule", "ddim", 3)}
+        (0, checkpoint_sha256, "DiffusionModule", "dpmpp", 3)}
     assert rows[2]["sha256"] == hashlib.sha256((tmp_path / "2" / "000002.png").read_bytes()).hexdigest()
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["checkpoint"] == str(ckpt.resolve()) and run["job"]["checkpoint_sha256"] == checkpoint_sha256

@@ -37,7 +37,7 @@ AUTOENCODER_KEY = "model.autoencoder"
 #: At most this many training images estimate the latent scale of an autoencoder whose folder gives none.
 SCALE_IMAGES = 256
 
-DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 2.0}
+DEFAULT_SAMPLING = {"sampler": "dpmpp", "steps": 20, "eta": 0.0, "guidance_scale": 2.0}
 
 
 class DiffusionModule(GenerativeModule):
