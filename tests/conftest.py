@@ -134,3 +134,46 @@ def tiny_autoencoder(
     config |= {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
     (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2))
     return folder
+
+
+def tiny_stable_diffusion(folder: Path, scaling_factor: float = 0.5) -> Path:
+    """A tiny Stable Diffusion pipeline folder (random weights): a `UNet2DConditionModel` with cross-attention, an
+    f=2 `AutoencoderKL`, a small `CLIPTextModel` and a `CLIPTokenizer` from vocab and merges files written here (one
+    token per character), and SD's scaled-linear DDIM scheduler, saved by `StableDiffusionPipeline.save_pretrained`."""
+    import string
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    (folder / "vocab" / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "vocab" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab" / "vocab.json"), str(folder / "vocab" / "merges.txt"),
+                              model_max_length=24)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+            norm_num_groups=8, sample_size=16, scaling_factor=scaling_factor,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, compose_config, tiny_autoencoder
+from conftest import CONF, compose_config, tiny_autoencoder, tiny_stable_diffusion
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -45,6 +45,10 @@ NEEDS = {
     "experiment=fibres128_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
     "experiment=fibres256_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
     "experiment=fibres512_ldm": ["data.root=unused", "model.autoencoder={autoencoder}"],
+    "model=sd_lora": ["model.pretrained={pipeline}", "data.channels=3", "data.image_size=16"],
+    "model/denoiser=stable_diffusion": ["+model.pretrained={pipeline}", "model.prediction_type=null", "data.channels=3",
+                                        "data.image_size=16"],
+    "experiment=sd15_lora": ["data.root=unused", "model.pretrained={pipeline}"],
 }
 
 
@@ -61,9 +65,12 @@ def test_groups_have_options():
 )
 def test_every_group_option_composes_and_builds(tmp_path, override):
     autoencoder = tmp_path / "autoencoder"  # a tiny RGB one (f=2), built only where an option needs one
-    needs = [need.format(autoencoder=autoencoder) for need in NEEDS.get(override, [])]
+    pipeline = tmp_path / "sd" / "pipeline"  # likewise a tiny Stable Diffusion
+    needs = [need.format(autoencoder=autoencoder, pipeline=pipeline) for need in NEEDS.get(override, [])]
     if any(str(autoencoder) in need for need in needs):
         tiny_autoencoder(autoencoder, channels=3)
+    if any(str(pipeline) in need for need in needs):
+        tiny_stable_diffusion(tmp_path / "sd")
     cfg = compose_config("train", [*override.split(), *needs], tmp_path)
     _build_training_objects(cfg)
 

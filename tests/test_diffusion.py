@@ -84,10 +84,10 @@ def test_classifier_free_guidance_combines_predictions():
     def net(x, t, labels):
         return labels.float().view(-1, 1) * torch.ones_like(x)  # the prediction is the label
 
-    labels, x, t = torch.tensor([2, 2]), torch.zeros(2, 3), torch.tensor(5)
-    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=1.0)(x, t), torch.full((2, 3), 2.0))
-    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=0.0)(x, t), torch.full((2, 3), 10.0))
-    assert torch.equal(guided(net, labels, null_label=10, guidance_scale=3.0)(x, t), torch.full((2, 3), -14.0))
+    labels, null, x, t = torch.tensor([2, 2]), torch.tensor([10, 10]), torch.zeros(2, 3), torch.tensor(5)
+    assert torch.equal(guided(net, labels, null, guidance_scale=1.0)(x, t), torch.full((2, 3), 2.0))
+    assert torch.equal(guided(net, labels, null, guidance_scale=0.0)(x, t), torch.full((2, 3), 10.0))
+    assert torch.equal(guided(net, labels, null, guidance_scale=3.0)(x, t), torch.full((2, 3), -14.0))
 
 
 def test_unknown_sampler_schedule_and_steps_are_refused():
@@ -199,7 +199,7 @@ def test_every_deterministic_sampler_reconstructs_a_known_signal_under_guidance(
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         return eps if prediction_type == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
-    eps_fn = guided(net, torch.tensor([0, 0]), null_label=1, guidance_scale=2.0)
+    eps_fn = guided(net, torch.tensor([0, 0]), torch.tensor([1, 1]), guidance_scale=2.0)
     sampler = make_sampler(sched, name, 10)
     out = denoise(eps_fn, sampler, torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
                   [torch.Generator().manual_seed(i) for i in range(2)])

@@ -218,9 +218,9 @@ def test_guidance_scale_reaches_the_sampler(trained_run, tmp_path, monkeypatch):
 
     scales = []
 
-    def recording(net, labels, null_label, guidance_scale):
+    def recording(net, condition, uncondition, guidance_scale):
         scales.append(guidance_scale)
-        return guided(net, labels, null_label, guidance_scale)
+        return guided(net, condition, uncondition, guidance_scale)
 
     monkeypatch.setattr(diffusion, "guided", recording)
     _sample(trained_run / "checkpoints" / "last.ckpt", tmp_path, "num_samples=2", "steps=2", "guidance_scale=3")

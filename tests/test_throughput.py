@@ -41,6 +41,18 @@ def test_ema_lerps_trainable_weights_keeps_frozen_ones_and_copies_buffers():
     assert torch.allclose(next(ema._average_model.module.parameters()), before[0] + 0.25, atol=1e-6)
 
 
+def test_the_ema_shares_frozen_weights_instead_of_copying_them():
+    module = pl.LightningModule()
+    module.net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    module.net[0].requires_grad_(False)  # a LoRA's frozen base
+    ema = EMA()
+    ema.setup(None, module, "fit")
+    average = ema._average_model.module.net
+    assert average[0].weight is module.net[0].weight and average[0].bias is module.net[0].bias
+    assert average[1].weight is not module.net[1].weight and torch.equal(average[1].weight, module.net[1].weight)
+    assert "__deepcopy__" not in vars(module.net[0].weight)  # later copies copy it again
+
+
 # What makes the CPU wait for a GPU: reading a tensor's value on the host.
 READS = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
 # Where such a read would come from on a GPU (the CPU-side step counters of torch's optimizers are not device reads).

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fiberaug.data.cache import ImageCache, default_cache_dir
+from fiberaug.data.captions import read_captions
 from fiberaug.data.datasets import AugmentedImages, EpochSampler, MixedImages
 from fiberaug.data.images import list_folder
 from fiberaug.data.pipelines import scaled_side, sized_pipeline
@@ -106,6 +107,10 @@ class ImageDataModule(pl.LightningDataModule):
         """Turns an item into an H×W×C array; the identity for in-memory arrays."""
         return np.asarray
 
+    def item_captions(self, items: Sequence[Any]) -> list[str | None] | None:
+        """Each item's caption (None where it has none), or None for a source without captions."""
+        return None
+
     def item_id(self, item: Any) -> str:
         """The SHA-256 of an item's content (its array's bytes; a file's bytes for folders)."""
         return hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
@@ -130,6 +135,12 @@ class ImageDataModule(pl.LightningDataModule):
         if drawn:
             return f"the augment pipeline draws new pixels at every draw ({', '.join(drawn)})"
         return None
+
+    def serve_captions(self) -> None:
+        """Send each image's caption with it ("" where it has none), for a text-conditioned model."""
+        for dataset in (self.train_set, self.val_set, self.synthetic_set):
+            if dataset is not None:
+                dataset.serve_captions = True
 
     def serve_digests(self, train: bool = True) -> None:
         """Send each image's pixel digest with it, for the latent cache: always for validation (never augmented),
@@ -187,6 +198,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         items, labels, self.class_names = self.load_items()
+        captions = self.item_captions(items)
         if self.labels == "none":
             labels, self.class_names = None, []
         order = np.random.default_rng(self.split_seed).permutation(len(items))
@@ -201,6 +213,7 @@ class ImageDataModule(pl.LightningDataModule):
                 transform,
                 self.channels,
                 self.seed,
+                [captions[i] for i in idx] if captions is not None else None,
             )
 
         self.train_set = subset(train_idx, self.train_transform)
@@ -344,6 +357,9 @@ class FolderDataModule(ImageDataModule):
         if self.train_set is None:
             super().setup(stage)
             self.images.build([*self.train_set.items, *self.val_set.items])  # training images first into memory
+
+    def item_captions(self, items: Sequence[Path]) -> list[str | None]:
+        return read_captions(Path(self.root).expanduser(), items)
 
     def load_items(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.root:

@@ -33,6 +33,7 @@ class AugmentedImages(Dataset):
 
     `digests=True` adds a third element: the SHA-256 of the image's pixels as the model receives them (32 bytes as
     a uint8 tensor), by which the latent cache (`fiberaug.data.latents`) finds what the autoencoder made of them.
+    `serve_captions=True` adds each image's caption last ("" where it has none), for text-conditioned models.
     """
 
     def __init__(
@@ -43,8 +44,11 @@ class AugmentedImages(Dataset):
         transform: A.Compose,
         channels: int,
         seed: int = 0,
+        captions: Sequence[str | None] | None = None,
     ) -> None:
         self.items = list(items)
+        self.captions = list(captions) if captions is not None else [None] * len(self.items)
+        self.serve_captions = False
         self.labels = list(labels) if labels is not None else None
         self.read = read
         self.transform = transform
@@ -72,7 +76,8 @@ class AugmentedImages(Dataset):
             image = self.transform(image=to_channels(array, self.channels))["image"]
             tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))) * 2 - 1
             label = self.labels[i] if self.labels is not None else -1
-            return (tensor, label, pixel_digest(tensor)) if self.digests else (tensor, label)
+            item = (tensor, label, pixel_digest(tensor)) if self.digests else (tensor, label)
+            return (*item, self.captions[i] or "") if self.serve_captions else item
         raise RuntimeError(f"none of the {len(self.items)} images could be read")
 
 

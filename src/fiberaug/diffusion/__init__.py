@@ -9,9 +9,11 @@ from fiberaug.diffusion.schedules import (
     linear_betas,
     make_sampler,
     noise_scheduler,
+    pretrained_scheduler,
 )
 
 __all__ = [
     "BETA_SCHEDULES", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SAMPLERS", "denoise", "guided", "linear_betas",
-    "make_sampler", "make_weighting", "min_snr_weights", "noise_scheduler", "snr", "training_target",
+    "make_sampler", "make_weighting", "min_snr_weights", "noise_scheduler", "pretrained_scheduler", "snr",
+    "training_target",
 ]

@@ -14,17 +14,20 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def guided(net: Denoiser, labels: torch.Tensor | None, null_label: int, guidance_scale: float) -> EpsFn:
-    """Classifier-free guidance: eps = eps(∅) + w · (eps(y) − eps(∅)); w = 1 is plain conditioning.
+def guided(net: Denoiser, condition: torch.Tensor | None, uncondition: torch.Tensor | None,
+           guidance_scale: float) -> EpsFn:
+    """Classifier-free guidance: eps = eps(∅) + w · (eps(c) − eps(∅)); w = 1 is plain conditioning.
 
-    Conditional and unconditional predictions share one batch through the network. The same mix of v
-    predictions is the same guidance: at a given x_t, ε and x0 are affine in v with weights that sum to one.
+    `condition` and `uncondition` are what the network is conditioned on, batch-aligned: class labels and the "no
+    label" index, or prompt embeddings and the empty (or a negative) prompt's. Both predictions share one batch
+    through the network. The same mix of v predictions is the same guidance: at a given x_t, ε and x0 are affine in
+    v with weights that sum to one.
     """
-    if labels is None or guidance_scale == 1.0:
-        return lambda x, t: net(x, t, labels)
+    if condition is None or uncondition is None or guidance_scale == 1.0:
+        return lambda x, t: net(x, t, condition)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = net(torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, null_label)]))
+        both = net(torch.cat([x, x]), t, torch.cat([condition, uncondition]))
         cond, uncond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from diffusers import (
@@ -83,6 +84,18 @@ def noise_scheduler(
         variance_type="fixed_small",
         timestep_spacing="trailing",  # a shortened schedule still starts from pure noise (t = T-1)
     )
+
+
+def pretrained_scheduler(folder: Path, prediction_type: str | None = None) -> DDPMScheduler:
+    """The forward process a pretrained model learned, from its diffusers scheduler folder (any scheduler class):
+    its betas, timesteps and spacing, and its prediction type, which fine-tuning must keep. x0 is not clipped: it is
+    a latent."""
+    config = DDPMScheduler.load_config(str(folder))
+    learned = config.get("prediction_type", "epsilon")
+    if prediction_type not in (None, learned):
+        raise UserError(f"model.prediction_type={prediction_type} differs from the {learned} that {folder} learned; "
+                        f"set model.prediction_type={learned} (or null: the folder's)")
+    return DDPMScheduler.from_config(config, clip_sample=False, prediction_type=learned)
 
 
 def make_sampler(train_scheduler: SchedulerMixin, name: str, steps: int) -> SchedulerMixin:

@@ -1,5 +1,5 @@
 """One LightningModule for DDPM training and DDPM/DDIM sampling around any noise-predicting denoiser, in pixel space
-or in the latent space of a frozen autoencoder."""
+or in the latent space of a frozen autoencoder, conditioned on class labels or (Stable Diffusion) on prompts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from fiberaug.diffusion import (
     make_sampler,
     make_weighting,
     noise_scheduler,
+    pretrained_scheduler,
     training_target,
 )
 from fiberaug.errors import UserError
@@ -38,6 +39,12 @@ AUTOENCODER_KEY = "model.autoencoder"
 SCALE_IMAGES = 256
 
 DEFAULT_SAMPLING = {"sampler": "dpmpp", "steps": 20, "eta": 0.0, "guidance_scale": 2.0}
+#: adamw: torch's (fused on CUDA) | adamw8bit: bitsandbytes' 8-bit AdamW, a quarter of the optimizer's memory.
+OPTIMIZERS = ("adamw", "adamw8bit")
+SAMPLING_OPTIONS = ("sampler", "steps", "eta", "guidance_scale")
+#: What only a text-conditioned model samples with: a prompt (instead of the class prompts), a negative prompt (in
+#: place of the empty one that guidance pushes away from), and an image size other than the training's.
+TEXT_OPTIONS = ("prompt", "negative_prompt", "height", "width")
 
 
 class DiffusionModule(GenerativeModule):
@@ -69,9 +76,15 @@ class DiffusionModule(GenerativeModule):
     the posterior of each image the data sends with a pixel digest is computed once and kept (`fiberaug.data.latents`:
     up to `latent_cache_mb` MiB in memory, the rest in the data's cache folder); latents are still drawn from it
     afresh at every step.
+
+    A text-conditioned denoiser (Stable Diffusion's, `fiberaug.nets.stable_diffusion`) is built from the pipeline
+    folder `pretrained`, whose `vae/` is the autoencoder and whose scheduler the noise schedule (`prediction_type`
+    None: the folder's). It is conditioned on prompts: an image's caption where the data has one, else
+    `prompt_template` with `{class}` its class name; `cond_drop_prob` is then the caption dropout (the empty prompt,
+    for guidance). Its frozen weights are left out of checkpoints, which record the folder's path and content hash;
+    `noise_offset` adds Guttenberg's offset noise (brighter darks and darker lights than SD learns otherwise).
     """
 
-    sampling_options = ("sampler", "steps", "eta", "guidance_scale")
     metric_names = ("loss/train", "loss/val")
 
     def __init__(
@@ -100,26 +113,66 @@ class DiffusionModule(GenerativeModule):
         autoencoder: str | None = None,
         latent_cache: bool = True,
         latent_cache_mb: float = 1024,
+        prompt_template: str = "{class}",
+        lora_text_encoder: Mapping[str, Any] | None = None,
+        noise_offset: float = 0.0,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__(class_names, channels_last=channels_last, compile=compile)
         self.save_hyperparameters(logger=False)
         self.autoencoder = None
         self.latent_cache: LatentCache | None = None
         self.latent_shape = (channels, image_size, image_size)
+        self.text_conditioned = getattr(get_object(denoiser["_target_"]), "text_conditioned", False)
+        self.base_record: dict[str, str] | None = None
+        if self.text_conditioned:
+            pretrained, autoencoder = self._attach_pipeline(pretrained, autoencoder, prompt_template)
         if autoencoder:
             self._attach_autoencoder(autoencoder, channels, image_size)
-        self.noise_scheduler = noise_scheduler(
-            schedule, num_train_timesteps, clip_sample=not autoencoder, prediction_type=prediction_type
-        )
+        if self.text_conditioned:
+            self.noise_scheduler = pretrained_scheduler(Path(pretrained) / "scheduler", prediction_type)
+        else:
+            self.noise_scheduler = noise_scheduler(
+                schedule, num_train_timesteps, clip_sample=not autoencoder, prediction_type=prediction_type
+            )
+            _check_pretrained_prediction(pretrained, prediction_type)
         self.loss_weights = make_weighting(loss_weighting, min_snr_gamma)
-        _check_pretrained_prediction(pretrained, prediction_type)
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"model.optimizer={optimizer!r} is not known; choose one of: {', '.join(OPTIMIZERS)}")
         self.net = self._build_denoiser(denoiser, self.latent_shape[0], self.latent_shape[1], pretrained)
         if lora:
             self._add_lora(lora, pretrained, lora_on_random_base)
+        if lora_text_encoder:
+            if not hasattr(self.net, "add_text_encoder_lora"):
+                raise UserError("model.lora_text_encoder needs a text-conditioned denoiser (model=sd_lora)")
+            self.net.add_text_encoder_lora(**lora_text_encoder)
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         make_sampler(self.noise_scheduler, self.sampling["sampler"], self.sampling["steps"])  # fail early
+
+    def _attach_pipeline(self, pretrained: str | None, autoencoder: str | None, prompt_template: str
+                         ) -> tuple[str, str]:
+        """A Stable Diffusion folder: checked, recorded by path and content hash, its VAE the autoencoder; its frozen
+        weights kept out of every state_dict."""
+        from fiberaug.nets.stable_diffusion import pipeline_folder, pipeline_sha256
+
+        if not pretrained:
+            raise UserError("model.pretrained is not set: pass a Stable Diffusion pipeline folder (model_index.json, "
+                            "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        if "{class}" not in prompt_template and self.num_classes:
+            log.warning("model.prompt_template=%r has no {class}: every class gets the same prompt", prompt_template)
+        try:
+            prompt_template.format_map({"class": ""})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"model.prompt_template={prompt_template!r} is not a template with {{class}} as its only "
+                            f"field ({exc})") from exc
+        folder = pipeline_folder(pretrained)
+        self.hparams.pretrained = str(folder)
+        self.base_record = {"path": str(folder), "sha256": pipeline_sha256(folder)}
+        self.register_state_dict_post_hook(_without_frozen_net)
+        self.register_load_state_dict_post_hook(_frozen_net_not_missing)
+        return str(folder), autoencoder or str(folder / "vae")
 
     def _attach_autoencoder(self, path: str, channels: int, image_size: int) -> None:
         """Load the frozen autoencoder and set the latent shape, scale and shift, and what checkpoints record."""
@@ -170,6 +223,8 @@ class DiffusionModule(GenerativeModule):
         net = instantiate(
             denoiser, channels=channels, image_size=image_size, num_classes=self.num_classes, pretrained=pretrained
         )
+        if self.text_conditioned:  # rebuilt from its folder: checkpoints hold only what trains
+            return net
         if net.num_classes != self.num_classes:
             if net.num_classes:
                 raise UserError(
@@ -200,26 +255,44 @@ class DiffusionModule(GenerativeModule):
         total = sum(p.numel() for p in self.net.parameters())
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    def _condition(self, labels: torch.Tensor) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
+    def prompts(self, labels: torch.Tensor | None, captions: Sequence[str] | None, count: int) -> list[str]:
+        """Each image's prompt: its caption where it has one, else the template with its class name ("" for none)."""
+        names = [self.class_names[i] if 0 <= i < self.num_classes else "" for i in labels.tolist()] \
+            if labels is not None else [""] * count
+        template = self.hparams.prompt_template
+        return [caption or " ".join(template.format_map({"class": name}).split())
+                for caption, name in zip(captions or [""] * count, names, strict=True)]
+
+    def _condition(self, labels: torch.Tensor, captions: Sequence[str] | None = None) -> torch.Tensor | None:
+        drop = None
         if self.training and self.hparams.cond_drop_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.cond_drop_prob
-            labels = labels.masked_fill(drop, self.num_classes)
-        return labels
+        if self.text_conditioned:
+            prompts = self.prompts(labels, captions, len(labels))
+            dropped = drop.tolist() if drop is not None else [False] * len(prompts)
+            return self.net.encode_prompts(["" if d else p for p, d in zip(prompts, dropped, strict=True)])
+        if not self.num_classes:
+            return None
+        return labels.masked_fill(drop, self.num_classes) if drop is not None else labels
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        images, labels, *digests = batch
+    def _loss(self, batch: Sequence[Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        images, labels, *rest = batch
+        digests = next((r for r in rest if torch.is_tensor(r)), None)
+        captions = next((r for r in rest if isinstance(r, (list, tuple))), None)
         if self.autoencoder is not None:
-            images = self.encode(images, generator, digests[0] if digests else None)
+            images = self.encode(images, generator, digests)
         images = self.memory_format(images)
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        if self.hparams.noise_offset:  # a shift of each image's channel means too, which plain noise hardly makes
+            shape = (*images.shape[:2], 1, 1)
+            noise = noise + self.hparams.noise_offset * torch.randn(shape, generator=generator, device=images.device,
+                                                                     dtype=images.dtype)
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator,
             device=images.device,
         )
         noisy = self.noise_scheduler.add_noise(images, noise, t)
-        prediction = self.net(noisy, t, self._condition(labels)).float()
+        prediction = self.net(noisy, t, self._condition(labels, captions)).float()
         target = training_target(self.noise_scheduler, images, noise, t).float()
         if self.loss_weights is None:
             return F.mse_loss(prediction, target)
@@ -257,6 +330,9 @@ class DiffusionModule(GenerativeModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.text_conditioned and hasattr(datamodule, "serve_captions"):
+            datamodule.serve_captions()
         if self.autoencoder is not None and torch.isnan(self.latent_scale):  # not from the folder nor a checkpoint
             self.estimate_latent_scale()
         if self.autoencoder is not None and self.hparams.latent_cache:
@@ -302,16 +378,20 @@ class DiffusionModule(GenerativeModule):
         super().on_save_checkpoint(checkpoint)
         if self.autoencoder is not None:
             checkpoint["fiberaug"]["autoencoder"] = dict(self.autoencoder_record)
+        if self.base_record is not None:
+            checkpoint["fiberaug"]["base"] = dict(self.base_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        recorded = checkpoint.get("fiberaug", {}).get("autoencoder")
-        if self.autoencoder is not None and recorded and recorded["sha256"] != self.autoencoder_record["sha256"]:
-            log.warning(
-                "%s=%s changed since this checkpoint was saved (sha256 %s… then, %s… now): the denoiser learned the "
-                "latents of the autoencoder as it was", AUTOENCODER_KEY, self.hparams.autoencoder,
-                recorded["sha256"][:12], self.autoencoder_record["sha256"][:12],
-            )
+        recorded = checkpoint.get("fiberaug", {})
+        for key, now, what in ((AUTOENCODER_KEY, self.autoencoder_record if self.autoencoder is not None else None,
+                                "the denoiser learned the latents of the autoencoder as it was"),
+                               ("model.pretrained", self.base_record,
+                                "its adapters were trained on the base as it was")):
+            then = recorded.get("autoencoder" if key == AUTOENCODER_KEY else "base")
+            if now and then and then["sha256"] != now["sha256"]:
+                log.warning("%s=%s changed since this checkpoint was saved (sha256 %s… then, %s… now): %s", key,
+                            now["path"], then["sha256"][:12], now["sha256"][:12], what)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -330,10 +410,22 @@ class DiffusionModule(GenerativeModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **self.fused())
+        if hp.optimizer == "adamw8bit":
+            try:
+                from bitsandbytes.optim import AdamW8bit
+            except ImportError as exc:
+                raise UserError("model.optimizer=adamw8bit needs bitsandbytes, which is not installed: pip install "
+                                "'fiberaug[bnb]' (CUDA), or use model.optimizer=adamw") from exc
+            optimizer = AdamW8bit(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **self.fused())
         warmup = max(1, self.hparams.warmup_steps)
         scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def sampling_options(self) -> tuple[str, ...]:
+        return SAMPLING_OPTIONS + (TEXT_OPTIONS if self.text_conditioned else ())
 
     @torch.no_grad()
     def generate(
@@ -345,15 +437,31 @@ class DiffusionModule(GenerativeModule):
         steps: int | None = None,
         eta: float | None = None,
         guidance_scale: float | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> torch.Tensor:
-        """Sample with `sampler` (`ddpm` or `ddim`) over `steps`; unset options take the model's defaults."""
+        """Sample with `sampler` over `steps`; unset options take the model's defaults. A text-conditioned model
+        draws `prompt` (else each label's class prompt), guided away from `negative_prompt` (else the empty one), at
+        `height` × `width` (else the training's size)."""
         given = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
         opts = {**self.sampling, **{k: v for k, v in given.items() if v is not None}}
         if opts["eta"] < 0:
             raise UserError(f"eta={opts['eta']} must be at least 0 (0: deterministic DDIM, 1: DDPM's variance)")
         sched = make_sampler(self.noise_scheduler, opts["sampler"], opts["steps"])
-        eps_fn = guided(self.net, labels, self.num_classes, float(opts["guidance_scale"]))
-        noise = self.noise(self.latent_shape, generators)
+        if self.text_conditioned:
+            count = len(generators)
+            condition = self.net.encode_prompts([prompt] * count if prompt else self.prompts(labels, None, count))
+            uncondition = self.net.encode_prompts([negative_prompt or ""] * count)
+        else:
+            if prompt or negative_prompt or height or width:
+                raise UserError("prompt, negative_prompt, height and width apply to text-conditioned models "
+                                "(model=sd_lora), not to this one")
+            condition = labels
+            uncondition = None if labels is None else torch.full_like(labels, self.num_classes)
+        eps_fn = guided(self.net, condition, uncondition, float(opts["guidance_scale"]))
+        noise = self.noise(self._sample_shape(height, width), generators)
         samples = denoise(eps_fn, sched, noise, generators, eta=float(opts["eta"]), progress=progress)
         if self.autoencoder is None:
             return samples
@@ -362,12 +470,28 @@ class DiffusionModule(GenerativeModule):
                             "scaling_factor and no training estimated one; sample from a trained checkpoint")
         return self.decode(samples)
 
+    def _sample_shape(self, height: int | None, width: int | None) -> tuple[int, ...]:
+        """The latent (or image) shape of samples `height` × `width` pixels, by default the training's size."""
+        channels, h, w = self.latent_shape
+        if height is None and width is None:
+            return self.latent_shape
+        f = self.hparams.image_size // h
+        size = {"height": height or h * f, "width": width or w * f}
+        bad = {k: v for k, v in size.items() if not isinstance(v, int) or v < f or v % f}
+        if bad:
+            raise UserError(f"{', '.join(f'{k}={v!r}' for k, v in bad.items())} must be a positive multiple of {f} "
+                            "(the autoencoder's downsampling)")
+        return channels, size["height"] // f, size["width"] // f
+
     def on_train_end(self) -> None:
         """Export denoisers that have a standard format (diffusers) to `<run dir>/export`, with the final weights."""
         if hasattr(self.net, "save_pretrained") and self.trainer.is_global_zero:
             folder = Path(self.trainer.default_root_dir) / "export"
-            self.net.save_pretrained(folder, self.noise_scheduler, self.export_metadata(), self.hparams.merge_lora)
-            if self.autoencoder is not None:
+            # A pipeline's export carries the sampler it draws with by default, as plain diffusers would load it.
+            scheduler = make_sampler(self.noise_scheduler, self.sampling["sampler"], self.sampling["steps"]) \
+                if self.text_conditioned else self.noise_scheduler
+            self.net.save_pretrained(folder, scheduler, self.export_metadata(), self.hparams.merge_lora)
+            if self.autoencoder is not None and not self.text_conditioned:  # a pipeline's base holds its VAE
                 for pipeline in (folder, folder / "merged"):
                     if pipeline.is_dir():
                         self.export_autoencoder(pipeline / "vae")
@@ -385,6 +509,10 @@ class DiffusionModule(GenerativeModule):
         base = self.hparams.pretrained if self.hparams.lora else None
         if base and Path(base).expanduser().exists():
             base = str(Path(base).expanduser().resolve())
+        if self.text_conditioned:
+            return {"fiberaug_version": fiberaug.__version__, "class_names": self.class_names, "base": self.base_record,
+                    "prompt_template": self.hparams.prompt_template, "image_size": self.hparams.image_size,
+                    "sampling": self.sampling}
         return {
             "fiberaug_version": fiberaug.__version__,
             "class_names": self.class_names,
@@ -409,6 +537,8 @@ class DiffusionModule(GenerativeModule):
 
         folder = Path(folder).expanduser()
         meta = read_metadata(folder)
+        if (folder / "text_encoder").is_dir() or (folder / "pytorch_lora_weights.safetensors").is_file():
+            return cls._from_pipeline(folder, meta)
         if (folder / "adapter_config.json").is_file():
             if adapter or not meta.get("base"):
                 raise UserError(f"{folder} holds a LoRA adapter: pass its base export as ckpt_path and it as adapter=")
@@ -436,6 +566,43 @@ class DiffusionModule(GenerativeModule):
         if adapter:
             model.net.load_adapter(Path(adapter).expanduser())
         return model.eval()
+
+    @classmethod
+    def _from_pipeline(cls, folder: Path, meta: Mapping[str, Any]) -> DiffusionModule:
+        """A Stable Diffusion pipeline folder (a download, or an sd_lora run's export/merged), or an sd_lora run's
+        export: its adapter (diffusers' LoRA format) on the base folder it records."""
+        from fiberaug.nets.stable_diffusion import LORA_WEIGHTS, pipeline_folder
+
+        adapter = (folder / LORA_WEIGHTS).is_file()
+        base = pipeline_folder(meta["base"]["path"] if adapter and meta.get("base") else folder, "ckpt_path")
+        unet = json.loads((base / "unet" / "config.json").read_text())
+        vae = json.loads((base / "vae" / "config.json").read_text())
+        model = cls(
+            denoiser={"_target_": "fiberaug.nets.stable_diffusion.StableDiffusionUNet"},
+            image_size=meta.get("image_size") or unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1),
+            channels=vae["in_channels"],
+            class_names=meta.get("class_names", []),
+            sampling=meta.get("sampling", {"steps": 25, "guidance_scale": 7.5}),
+            pretrained=str(base),
+            prediction_type=None,
+            prompt_template=meta.get("prompt_template", "{class}"),
+        )
+        if adapter:
+            model.net.load_lora(folder)
+        return model.eval()
+
+
+def _without_frozen_net(module: DiffusionModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """A pretrained pipeline's frozen weights stay out of state dicts (checkpoints, the EMA's): its folder has them."""
+    for name, parameter in module.net.named_parameters():
+        if not parameter.requires_grad:
+            state_dict.pop(f"{prefix}net.{name}", None)
+
+
+def _frozen_net_not_missing(module: DiffusionModule, keys: Any) -> None:
+    """Loading a state dict without the frozen weights keeps those loaded from the pipeline's folder."""
+    frozen = {f"net.{name}" for name, p in module.net.named_parameters() if not p.requires_grad}
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not any(k == n or k.endswith(f".{n}") for n in frozen)]
 
 
 def _without_autoencoder(module: DiffusionModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:

@@ -41,16 +41,23 @@ def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64)
 
 def folder_sha256(folder: Path) -> str:
     """A content hash of an autoencoder folder (its config.json and weight files), which checkpoints record instead
-    of the weights; cached per process by the files' sizes and modification times, so a large VAE is read once."""
+    of the weights."""
     files = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-    return _sha256(tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return files_sha256(files, Path(folder))
+
+
+def files_sha256(files: Sequence[Path], root: Path) -> str:
+    """A content hash of files (their names relative to `root`, and bytes), cached per process by the files' sizes
+    and modification times, so large weights are read once."""
+    return _sha256(tuple((p.relative_to(root).as_posix(), str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in files))
 
 
 @functools.lru_cache(maxsize=16)
-def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+def _sha256(files: tuple[tuple[str, str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path, _, _ in files:
-        digest.update(Path(path).name.encode())
+    for name, path, _, _ in files:
+        digest.update(name.encode())
         with open(path, "rb") as stream:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 METADATA = "metadata.jsonl"
 PREVIEW = ".preview.png"  # hidden, at the top: data=folder, Hugging Face and torchvision ImageFolder all skip it
 PREVIEW_IMAGES = 64
+#: sample.py's options for how images are drawn; each applies to the models that name it in `sampling_options`.
+SAMPLING_OPTIONS = ("sampler", "steps", "eta", "guidance_scale", "prompt", "negative_prompt", "height", "width")
 PACKAGES = ("fiberaug", "torch", "pytorch-lightning", "diffusers", "numpy", "pillow")
 
 
@@ -86,7 +88,10 @@ def sample(cfg: DictConfig) -> Path:
     count = _count(cfg, model, labels)
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
-    label_idx = model.label_indices(labels, count)
+    if options.get("prompt") and (labels is not None or cfg.get("num_per_class") is not None):
+        raise UserError(f"prompt={options['prompt']!r} draws every image from that prompt: leave labels and "
+                        "num_per_class unset (or drop prompt to draw the class prompts)")
+    label_idx = None if options.get("prompt") else model.label_indices(labels, count)
     settings = {k: v for k, v in {**getattr(model, "sampling", {}), **options}.items() if k in model.sampling_options}
     checkpoint = Path(cfg.ckpt_path).expanduser().resolve()
     adapter = Path(cfg.adapter).expanduser().resolve() if cfg.get("adapter") else None
@@ -111,7 +116,7 @@ def sample(cfg: DictConfig) -> Path:
         writer.run(draws, _max_draws(cfg, count))
         kept = sorted((d for d in draws if d["status"] == "ok" and d["index"] < count), key=lambda d: d["index"])
         write_atomic(out / METADATA, b"".join(json.dumps(_metadata(r)).encode() + b"\n" for r in kept))
-        _preview(out, kept[:PREVIEW_IMAGES], model.label_names(labels))
+        _preview(out, kept[:PREVIEW_IMAGES], [] if options.get("prompt") else model.label_names(labels))
     reasons = Counter(d["reason"] for d in draws if d["status"] == "rejected")
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     log.info("sample: %d images in %s; %d drawn (%d now, %d by an earlier run of this job), %d kept, %d rejected%s",
@@ -125,7 +130,7 @@ def sample(cfg: DictConfig) -> Path:
 
 
 def _options(cfg: DictConfig, model: GenerativeModule) -> dict[str, Any]:
-    requested = {k: cfg.get(k) for k in ("sampler", "steps", "eta", "guidance_scale") if cfg.get(k) is not None}
+    requested = {k: cfg.get(k) for k in SAMPLING_OPTIONS if cfg.get(k) is not None}
     ignored = sorted(set(requested) - set(model.sampling_options))
     if ignored:
         log.info("note: %s do not apply to %s and are ignored", ", ".join(ignored), type(model).__name__)
