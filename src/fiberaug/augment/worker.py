@@ -16,6 +16,7 @@ import albumentations as A
 import numpy as np
 
 from fiberaug.augment.annotations import Annotations, format_yolo, read_yolo
+from fiberaug.augment.generative import GenerativeStep
 from fiberaug.augment.plan import Output
 from fiberaug.data.images import check_complete, encode_image, read_image, write_image
 from fiberaug.data.pipelines import build_transforms, reseed
@@ -27,7 +28,8 @@ class Augmenter:
     """Makes outputs of one pipeline; each worker process builds one and calls it for every output it is given."""
 
     def __init__(
-        self, spec: Any, input_dir: Path, output_dir: Path, annotations: Annotations, jpeg_quality: int
+        self, spec: Any, input_dir: Path, output_dir: Path, annotations: Annotations, jpeg_quality: int,
+        generative: GenerativeStep | None = None,
     ) -> None:
         self.compose = A.Compose(
             build_transforms(spec),
@@ -37,6 +39,7 @@ class Augmenter:
         )
         self.input_dir, self.output_dir = input_dir, output_dir
         self.annotations, self.jpeg_quality = annotations, jpeg_quality
+        self.generative = generative  # a Stable Diffusion step before the classical ones, in this process
 
     def __call__(self, out: Output) -> dict[str, Any]:
         """The output's record: `status` ok with what was drawn, or error with the reason; bad input never raises."""
@@ -47,6 +50,12 @@ class Augmenter:
             record["source_sha256"] = hashlib.sha256(data).hexdigest()
             check_complete(data)
             image = read_image(self.input_dir / out.source)
+            if self.generative is not None:  # first, on the photo as it is; the geometry (and annotations) stay
+                image, record["generative"] = self.generative(image, out.source, out.seed)
+                iou, least = record["generative"]["edge_iou"], self.generative.spec.min_edge_iou
+                if least is not None and iou < least:
+                    return {**record, "status": "dropped", "transforms": [],
+                            "error": f"edge_iou {iou} < min_edge_iou {least}: the variant drifted from the layout"}
             targets, labels = self._targets(out, image)
             result = self._draw(image, out.seed, targets)
             encoded = encode_image(result["image"], Path(out.image).suffix, self.jpeg_quality)

@@ -66,7 +66,7 @@ def build_transforms(spec: Any) -> list[A.BasicTransform]:
     if "transform" in spec:
         compose = A.from_dict(spec)
         return list(compose.transforms) if isinstance(compose, A.Compose) else [compose]
-    items = spec.get("transforms")
+    items = spec.get("transforms", [] if "generative" in spec else None)  # a generative step alone
     if not isinstance(items, list):
         raise UserError(
             f"augment pipeline has keys {sorted(spec)}; expected `transforms: [...]` "
@@ -128,6 +128,10 @@ def sized_pipeline(
     `crop_scale=0.25` shows the model a quarter of the short side at a time. Augmentations run between
     scaling and cropping, so rotations do not bring in black corners.
     """
+    if augment is not None and "generative" in load_spec(augment):
+        raise UserError("the augment pipeline has a generative step, which runs in augment.py only (it writes a "
+                        "data set of variants to train on: data.synthetic_root or data.root); training draws "
+                        "classical steps on the fly")
     crop = A.RandomCrop if policy == "random_crop" and train else A.CenterCrop
     transforms = [
         scale_transform(scaled_side(image_size, policy, crop_scale)),

@@ -21,11 +21,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from fiberaug.augment.annotations import Annotations, coco_document, read_coco
+from fiberaug.augment.generative import GenerativeSpec, GenerativeStep
 from fiberaug.augment.parallel import ordered_map
 from fiberaug.augment.plan import Output, check_folders, plan_outputs, sources
 from fiberaug.augment.records import Done, replay_outputs, start_job
 from fiberaug.augment.sheet import contact_sheet
 from fiberaug.augment.worker import Augmenter
+from fiberaug.data.captions import read_captions
 from fiberaug.data.images import write_image
 from fiberaug.data.pipelines import build_transforms, load_spec, resolve_pipeline
 from fiberaug.errors import UserError
@@ -45,6 +47,7 @@ class Summary:
     written: int = 0
     skipped: int = 0
     failed: int = 0
+    dropped: int = 0  # generative variants whose edge_iou fell below min_edge_iou
     failures: dict[str, str] = field(default_factory=dict)
     differ: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -66,7 +69,8 @@ def augment(cfg: DictConfig) -> Summary:
     categories, boxes = read_coco(cfg.coco) if cfg.coco else ([], {})
     spec, settings, outputs, recorded = _plan(cfg, input_dir, output_dir, annotations, boxes)
     _check_unique(outputs, annotations)
-    run = _run_file(cfg, spec, input_dir, annotations, settings)
+    generative = _generative_step(spec, input_dir, outputs)
+    run = _run_file(cfg, spec, input_dir, annotations, settings, generative)
     if recorded not in (None, run["job"]["pipeline_sha256"]):
         log.warning("the pipeline serialises differently with the libraries here (%s): outputs may differ",
                     ", ".join(f"{k} {v}" for k, v in run["versions"].items()))
@@ -74,8 +78,12 @@ def augment(cfg: DictConfig) -> Summary:
     output_dir.mkdir(parents=True, exist_ok=True)
     with locked_folder(output_dir):
         done = start_job(output_dir, run, cfg.overwrite)
-        make = partial(Augmenter, spec, input_dir, output_dir, annotations, settings["jpeg_quality"])
-        summary = _make_outputs(outputs, done, make, settings["workers"], input_dir, output_dir)
+        make = partial(Augmenter, spec, input_dir, output_dir, annotations, settings["jpeg_quality"], generative)
+        workers = settings["workers"]
+        if generative is not None and workers > 1:
+            log.info("a generative step runs in this process, which holds the model (and the GPU): workers=1")
+            workers = 1
+        summary = _make_outputs(outputs, done, make, workers, input_dir, output_dir)
         if cfg.coco:
             latest = {record["output"]: record for record in read_records(output_dir / MANIFEST)}
             document = coco_document(categories, (latest[out.image] for out in outputs if out.image in latest))
@@ -120,6 +128,18 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
+def _generative_step(spec: Any, input_dir: Path, outputs: list[Output]) -> GenerativeStep | None:
+    """The pipeline's generative first step (checked, its model files hashed, its control maps found), or None."""
+    if not isinstance(spec, dict) or "generative" not in spec:
+        return None
+    names = list(dict.fromkeys(out.source for out in outputs))
+    captions = read_captions(input_dir, [input_dir / name for name in names])
+    step = GenerativeStep(GenerativeSpec.parse(spec["generative"]), input_dir,
+                          {name: text for name, text in zip(names, captions, strict=True) if text})
+    step.check_control_maps(names)
+    return step
+
+
 def _check_unique(outputs: list[Output], annotations: Annotations) -> None:
     """Refuse a plan in which two sources would write the same file (an input folder named like `masks/`)."""
     writer: dict[str, str] = {}
@@ -132,7 +152,10 @@ def _check_unique(outputs: list[Output], annotations: Annotations) -> None:
                 raise UserError(f"{writer[name]} and {out.source} would both be written to {name}; rename one of them")
 
 
-def _run_file(cfg: DictConfig, spec: Any, input_dir: Path, annotations: Annotations, settings: dict) -> dict[str, Any]:
+def _run_file(
+    cfg: DictConfig, spec: Any, input_dir: Path, annotations: Annotations, settings: dict,
+    generative: GenerativeStep | None = None,
+) -> dict[str, Any]:
     """run.json: `job` identifies the job (a rerun with another job is refused), the rest documents it."""
     try:
         pipeline = A.to_dict(A.Compose(build_transforms(spec)))
@@ -147,6 +170,8 @@ def _run_file(cfg: DictConfig, spec: Any, input_dir: Path, annotations: Annotati
         **{key: settings[key] for key in ("seed", "copies", "jpeg_quality")},
         **{key: str(path) if path else None for key, path in folders.items()},
     }
+    if generative is not None:  # its settings and the hash of every model file it uses
+        job["generative"] = {**spec["generative"], "models": generative.models}
     return {
         "job": job, "pipeline": pipeline, "spec": spec, "command": shlex.join(sys.argv),
         "versions": {**versions(*AUGMENT_PACKAGES), "opencv": cv2.__version__},
@@ -165,6 +190,8 @@ def _make_outputs(
             todo.append(out)
         elif previous.status == "ok":
             summary.skipped += 1
+        elif previous.status == "dropped":
+            summary.dropped += 1
         else:
             summary.fail(out.source, previous.error)
     manifest = Manifest(output_dir / MANIFEST)
@@ -172,7 +199,9 @@ def _make_outputs(
         with tqdm(total=len(outputs), initial=len(outputs) - len(todo), desc="augment", unit="image") as bar:
             for out, record in zip(todo, ordered_map(make, todo, workers), strict=True):
                 manifest.append(record)
-                if record["status"] != "ok":
+                if record["status"] == "dropped":
+                    summary.dropped += 1
+                elif record["status"] != "ok":
                     summary.fail(out.source, record["error"])
                 else:
                     summary.written += 1
@@ -189,8 +218,10 @@ def _make_outputs(
 
 def _report(summary: Summary, output_dir: Path) -> None:
     rate = summary.written / summary.seconds if summary.seconds else 0.0
-    log.info("augment: %d written, %d already done, %d failed (of %d outputs) in %.1f s, %.1f outputs/s -> %s",
-             summary.written, summary.skipped, summary.failed, summary.planned, summary.seconds, rate, output_dir)
+    log.info("augment: %d written, %d already done, %d failed%s (of %d outputs) in %.1f s, %.1f outputs/s -> %s",
+             summary.written, summary.skipped, summary.failed,
+             f", {summary.dropped} dropped (edge_iou below min_edge_iou)" if summary.dropped else "",
+             summary.planned, summary.seconds, rate, output_dir)
     for source, reason in list(summary.failures.items())[:20]:
         log.info("  failed %s: %s", source, reason)
     if len(summary.failures) > 20:
