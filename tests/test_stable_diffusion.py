@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, save, tiny_stable_diffusion
+from conftest import compose_config, run_script, save, tiny_stable_diffusion
 from PIL import Image
 
 from fiberaug.data import FolderDataModule
@@ -17,6 +17,7 @@ from fiberaug.errors import UserError
 from fiberaug.models import load_generator, read_checkpoint
 from fiberaug.nets.stable_diffusion import pipeline_folder
 from fiberaug.seeding import derive_seed
+from fiberaug.tasks.sample import sample
 
 TEMPLATE = "a photo of a {class} panel"
 TINY_SD = [
@@ -119,10 +120,10 @@ def test_plain_diffusers_draws_what_fiberaug_draws_from_the_exported_adapter(sd_
     assert (export / "pytorch_lora_weights.safetensors").is_file()
     assert (export / "peft" / "unet" / "adapter_config.json").is_file()
     out = tmp_path / "data"
-    result = run_script("sample.py", f"ckpt_path={export}", f"output_dir={out}", "num_samples=2", "batch_size=2",
-                        "prompt=a dotted cable", "negative_prompt=a bare panel", "guidance_scale=5", "steps=4",
-                        "height=16", "width=24", "seed=7", "filter.max_copy_ratio=null", "sampler=dpmpp")
-    assert result.returncode == 0, result.stderr[-3000:]
+    sample(compose_config("sample", [f"ckpt_path={export}", f"output_dir={out}", "num_samples=2", "batch_size=2",
+                                     "prompt=a dotted cable", "negative_prompt=a bare panel", "guidance_scale=5",
+                                     "steps=4", "height=16", "width=24", "seed=7", "filter.max_copy_ratio=null",
+                                     "sampler=dpmpp"]))
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == ["000000.png", "000001.png"]
     assert rows[0]["prompt"] == "a dotted cable" and rows[0]["negative_prompt"] == "a bare panel"
