@@ -87,6 +87,9 @@ class GANModule(GenerativeModule):
     augmented critic D∘T, their gradient taken with respect to the images before augmentation, as
     DiffAugment's and StyleGAN2-ADA's R1 are: the gradient penalty at interpolates of the un-augmented
     real and generated images, R1 at the un-augmented real ones, each through its own draw of T.
+
+    A discriminator with `self_supervised = True` (FastGAN's) also reconstructs the augmented real images of each
+    critic step from its own features (`forward(..., reconstruct=True)`); that loss joins the critic's alone.
     """
 
     def __init__(
@@ -145,6 +148,8 @@ class GANModule(GenerativeModule):
             names.append("train/gradient_penalty")
         if self.recipe.r1:
             names.append("train/r1_penalty")
+        if getattr(self.discriminator, "self_supervised", False):
+            names.append("train/reconstruction")
         return tuple(names)
 
     def _latent(self, n: int) -> torch.Tensor:
@@ -157,9 +162,17 @@ class GANModule(GenerativeModule):
     def _critic_step(self, opt: Optimizer, real: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         with self.toggled_optimizer(opt):
             fake = self.generator(self._latent(real.shape[0]), labels).detach()
-            real_score, fake_score = self.critic(real, labels), self.critic(fake, labels)
+            reconstruction = None
+            if getattr(self.discriminator, "self_supervised", False):  # FastGAN's: it reconstructs the real images
+                real_score, reconstruction = self.discriminator(self.augment(real), labels, reconstruct=True)
+            else:
+                real_score = self.critic(real, labels)
+            fake_score = self.critic(fake, labels)
             loss = self.loss.critic(real_score, fake_score)
             logs = {"train/real_score": real_score.float().mean(), "train/fake_score": fake_score.float().mean()}
+            if reconstruction is not None:
+                logs["train/reconstruction"] = reconstruction
+                loss = loss + reconstruction
             if isinstance(self.loss, WassersteinLoss):
                 logs["train/wasserstein"] = -loss.detach()
             if self.recipe.gradient_penalty > 0:
