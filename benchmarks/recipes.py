@@ -4,6 +4,8 @@
     python benchmarks/recipes.py ddpm                                   # DDPM on 32x32 digits, 4 objectives
     python benchmarks/recipes.py ddpm --steps 600 --eval-at 200,600     # a smaller budget
     python benchmarks/recipes.py ddpm --others-steps 800                # the others only to the headline's 40%
+    python benchmarks/recipes.py gan --only 0,2,4 --minutes 8           # DCGAN, DCGAN + DiffAugment + R1, FastGAN
+                                                                        # at equal wall-clock time
 
 Every recipe is trained by `train.py` from the same seed and data for the same number of optimizer steps (ddpm:
 --others-steps for all but the first)
@@ -26,12 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DCGAN = ["model=gan", "model.generator.base_channels=32", "model.discriminator.base_channels=32"]
 GAN_RECIPES = {
-    "plain (bce)": ["loss=bce"],
-    "DiffAugment": ["loss=bce", "model.diffaugment=[color,translation,cutout]"],
-    "DiffAugment + R1": ["loss=r1", "model.diffaugment=[color,translation,cutout]"],
-    "DiffAugment + SN": ["loss=hinge", "model.diffaugment=[color,translation,cutout]",
+    "plain (bce)": [*DCGAN, "loss=bce"],
+    "DiffAugment": [*DCGAN, "loss=bce", "model.diffaugment=[color,translation,cutout]"],
+    "DiffAugment + R1": [*DCGAN, "loss=r1", "model.diffaugment=[color,translation,cutout]"],
+    "DiffAugment + SN": [*DCGAN, "loss=hinge", "model.diffaugment=[color,translation,cutout]",
                          "model.discriminator.spectral_norm=true", "model.discriminator.norm=none"],
+    # Its own defaults: hinge, DiffAugment color + translation; widths as experiment=fibres64_fastgan.
+    "FastGAN": ["model=fastgan", "model.generator.width=32", "model.discriminator.width=32"],
 }
 DDPM_RECIPES = {
     "epsilon": ["model.prediction_type=epsilon", "model.loss_weighting=none"],
@@ -61,6 +66,13 @@ def measure(ckpt: Path, out: Path, num_samples: int, seed: int) -> dict[str, flo
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
+def torch_load_step(ckpt: Path) -> int:
+    """The optimizer steps a checkpoint was saved at."""
+    import torch
+
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=["gan", "ddpm"])
@@ -70,6 +82,8 @@ def main() -> None:
     parser.add_argument("--others-steps", type=int,
                         help="ddpm: steps of the recipes after the first (default: --steps); the headline asks "
                              "whether they reach the first's quality at its --steps within 40%% of them")
+    parser.add_argument("--minutes", type=float, help="gan: train each recipe for this wall-clock time instead of "
+                        "--steps (Lightning's trainer.max_time)")
     parser.add_argument("--samples", type=int, default=500, help="generated images per measurement")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "recipes"))
     parser.add_argument("--only", help="a comma-separated subset of the recipes, by position (0, 1, ...)")
@@ -87,10 +101,14 @@ def main() -> None:
     if args.model == "gan":
         if not Path(args.data).is_dir():
             raise SystemExit(f"--data {args.data} is not a folder of images")
-        common = ["model=gan", "data=folder", f"data.root={args.data}", "data.image_size=64", "data.channels=3",
+        common = ["data=folder", f"data.root={args.data}", "data.image_size=64", "data.channels=3",
                   "data.labels=none", "data.val_fraction=0.05", "data.batch_size=32",
-                  "model.generator.base_channels=32", "model.discriminator.base_channels=32",
                   "callbacks.sample_grid.num_samples=36"]
+        if args.minutes:  # equal wall-clock: the steps are whatever each recipe reaches
+            seconds = round(args.minutes * 60)
+            common += [f"+trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}"]
+            steps = others_steps = 10**7
+            eval_at = [steps]
     else:
         every = math.gcd(*eval_at, others_steps)  # a checkpoint at every step measured
         # The checkpoints are measured afterwards, so no sampling during training.
@@ -116,6 +134,9 @@ def main() -> None:
         for step in sorted({s for s in eval_at if s <= budget} | {budget}):
             ckpt = run_dir / "checkpoints" / ("last.ckpt" if step == budget else f"step{step:07d}.ckpt")
             rows[name][step] = measure(ckpt, run_dir / f"eval-{step}", args.samples, args.seed)
+        if args.minutes:  # measured at whatever step the time allowed
+            reached = torch_load_step(run_dir / "checkpoints" / "last.ckpt")
+            rows[name] = {reached: rows[name].pop(budget)}
         print(f"  {name}: trained in {trained / 60:.1f} min; " + ", ".join(
             f"step {s}: swd {v['swd']:.1f}" for s, v in rows[name].items()), flush=True)
 
@@ -127,9 +148,11 @@ def main() -> None:
             print(f"| {name} | {step} | {cells} |")
     first, *others = rows
     if args.model == "gan":
-        best = min(others, key=lambda n: rows[n][steps]["swd"]) if others else first
-        print(f"\nrecall of {best}: {rows[best][steps]['recall']:.3f}")
-        print(f"SWD {best} / {first}: {rows[best][steps]['swd'] / rows[first][steps]['swd']:.2f}")
+        final = {name: next(iter(by_step.values())) if args.minutes else by_step[steps]
+                 for name, by_step in rows.items()}
+        best = min(others, key=lambda n: final[n]["swd"]) if others else first
+        print(f"\nrecall of {best}: {final[best]['recall']:.3f}")
+        print(f"SWD {best} / {first}: {final[best]['swd'] / final[first]['swd']:.2f}")
     else:
         target = rows[first][steps]
         reached = {n: next((s for s, v in rows[n].items() if v["swd"] <= target["swd"] and

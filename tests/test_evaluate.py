@@ -233,19 +233,19 @@ def test_sample_metrics_are_logged_at_every_validation_and_rank_the_checkpoints(
 # --- task=utility ---
 
 
-def test_utility_table_end_to_end_on_a_tiny_split(trained_run, tmp_path):
+def test_utility_table_end_to_end_on_a_tiny_split(trained_run, tmp_path, capsys):
     out = tmp_path / "utility"
-    result = run_script(
-        "evaluate.py", "task=utility", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"output_dir={out}",
+    run_task(evaluate, compose_config("evaluate", [
+        "task=utility", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"output_dir={out}",
         "utility.shots=10", "utility.synthetic_per_class=3", "utility.seeds=2", "utility.steps=150", "steps=2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    ]))
+    printed = capsys.readouterr().out
     table = json.loads((out / "utility.json").read_text())
     assert table["held_out"] == 90 and table["shots_per_class"] == 10 and table["generator_trained_on"] == 1707
     assert list(table["accuracy"]) == ["real", "real + classical", "real + synthetic", "real + classical + synthetic"]
     assert all(len(row["runs"]) == 2 for row in table["accuracy"].values())
     assert table["accuracy"]["real"]["mean"] > 0.4, "100 real digits taught the classifier next to nothing"
-    assert "real + classical + synthetic" in result.stdout and "±" in result.stdout
+    assert "real + classical + synthetic" in printed and "±" in printed
 
 
 def test_utility_measures_a_written_data_set_named_by_its_run_json(trained_run, tmp_path):

@@ -158,8 +158,9 @@ def test_the_export_reproduces_fiberaugs_samples_in_plain_diffusers(tmp_path):
     assert {p.name for p in export.iterdir()} >= {"unet", "scheduler", "vae", "fiberaug.json"}
     metadata = json.loads((export / "fiberaug.json").read_text())
     assert metadata["autoencoder"]["sha256"] == folder_sha256(autoencoder)
-    fiberaug = DiffusionModule.from_export(export).sample(2, seed=3, steps=4)
-    checkpoint = load_generator(tmp_path / "run" / "checkpoints" / "last.ckpt").sample(2, seed=3, steps=4)
+    fiberaug = DiffusionModule.from_export(export).sample(2, seed=3, steps=4, sampler="ddim")
+    checkpoint = load_generator(tmp_path / "run" / "checkpoints" / "last.ckpt").sample(2, seed=3, steps=4,
+                                                                                      sampler="ddim")
     assert fiberaug.shape == (2, 1, 8, 8) and torch.allclose(fiberaug, checkpoint, atol=1e-5)
 
     # Plain diffusers: the UNet and the scheduler denoise latents with DDIM, the autoencoder decodes latents / scale.

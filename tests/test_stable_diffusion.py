@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_script, save, tiny_stable_diffusion
+from conftest import compose_config, save, tiny_stable_diffusion
 from PIL import Image
 
 from fiberaug.data import FolderDataModule
@@ -18,6 +18,7 @@ from fiberaug.models import load_generator, read_checkpoint
 from fiberaug.nets.stable_diffusion import pipeline_folder
 from fiberaug.seeding import derive_seed
 from fiberaug.tasks.sample import sample
+from fiberaug.tasks.train import train
 
 TEMPLATE = "a photo of a {class} panel"
 TINY_SD = [
@@ -55,9 +56,8 @@ def sd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[s
     pipeline = tiny_stable_diffusion(tmp)
     before = _files(pipeline)
     run_dir = tmp / "run"
-    result = run_script("train.py", *TINY_SD, f"model.pretrained={pipeline}", f"data.root={_photos(tmp / 'photos')}",
-                        "data.cache_dir=null", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(compose_config("train", [*TINY_SD, f"model.pretrained={pipeline}", f"data.root={_photos(tmp / 'photos')}",
+                                   "data.cache_dir=null"], run_dir))
     return pipeline, run_dir, before
 
 
