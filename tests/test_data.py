@@ -222,3 +222,33 @@ def test_seeded_pipeline_draws_each_transform_independently():
     first = corners()
     assert first == corners(), "the same seed gave different augmentations"
     assert set(first) == {0.0, 3.0, 12.0, 15.0}, "the two flips do not fire independently"
+
+
+def test_val_pattern_holds_back_matching_paths_and_refuses_a_pattern_matching_none(tmp_path):
+    for epoch in range(3):
+        for position in range(4):
+            save(tmp_path / f"e{epoch}_s{position:02d}.png", np.full((8, 8, 3), 10 * position + epoch, np.uint8))
+    dm = FolderDataModule(root=str(tmp_path), image_size=8, batch_size=2, val_pattern="*_s0[23].png", cache_dir=None)
+    dm.setup()
+    assert sorted(p.name for p in dm.val_set.items) == sorted(f"e{e}_s{s:02d}.png" for e in range(3) for s in (2, 3))
+    assert sorted(p.name for p in dm.train_set.items) == sorted(f"e{e}_s{s:02d}.png" for e in range(3) for s in (0, 1))
+    with pytest.raises(UserError, match=r"data.val_pattern='\*_s09.png' matches 0 of the 12 images"):
+        FolderDataModule(root=str(tmp_path), image_size=8, val_pattern="*_s09.png", cache_dir=None).setup()
+
+
+def test_train_per_class_draws_a_stratified_reproducible_subset_of_the_training_split():
+    def module(**kwargs):
+        dm = DigitsDataModule(image_size=8, channels=1, val_fraction=0.2, **kwargs)
+        dm.setup()
+        return dm
+
+    full = module()
+    ids = lambda images: {full.item_id(item) for item in images.items}  # noqa: E731
+    few, again, other = (module(train_per_class=5, subset_seed=s) for s in (3, 3, 4))
+    assert np.bincount(few.train_set.labels, minlength=10).tolist() == [5] * 10
+    assert ids(few.train_set) < ids(full.train_set)
+    assert [few.item_id(i) for i in few.train_set.items] == [again.item_id(i) for i in again.train_set.items]
+    assert ids(few.train_set) != ids(other.train_set)
+    assert ids(few.val_set) == ids(full.val_set)  # every draw is tested on the same held-out images
+    with pytest.raises(UserError, match="train_per_class=500: class '0' has only"):
+        module(train_per_class=500)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import math
@@ -57,6 +58,8 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         synthetic_root: str | None = None,
         synthetic_fraction: float = 0.5,
+        train_per_class: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__()
         # Checkpoints keep them (evaluate.py rebuilds the same split); train.py logs its own hyperparameters.
@@ -72,6 +75,11 @@ class ImageDataModule(pl.LightningDataModule):
         if synthetic_root and not 0 < synthetic_fraction < 1:
             raise UserError(f"data.synthetic_fraction={synthetic_fraction} must lie in (0, 1): the share of each "
                             "training epoch drawn from data.synthetic_root")
+        if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
+                                            or train_per_class < 1):
+            raise UserError(f"data.train_per_class={train_per_class!r} must be a positive integer (images per class "
+                            "kept for training) or null (all)")
+        self.train_per_class, self.subset_seed = train_per_class, subset_seed
         self.image_size = image_size
         self.channels = channels
         self.batch_size = batch_size
@@ -201,9 +209,9 @@ class ImageDataModule(pl.LightningDataModule):
         captions = self.item_captions(items)
         if self.labels == "none":
             labels, self.class_names = None, []
-        order = np.random.default_rng(self.split_seed).permutation(len(items))
-        n_val = max(1, round(len(items) * self.val_fraction)) if self.val_fraction > 0 and len(items) > 1 else 0
-        val_idx, train_idx = order[:n_val], order[n_val:]
+        val_idx, train_idx = self.split(items)
+        if self.train_per_class:
+            train_idx = self._per_class(train_idx, labels)
 
         def subset(idx: np.ndarray, transform: Any) -> AugmentedImages:
             return AugmentedImages(
@@ -224,6 +232,28 @@ class ImageDataModule(pl.LightningDataModule):
         )
         if self.synthetic_root:
             self.synthetic_set = self._synthetic_set()
+
+    def split(self, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The validation and training indices: `val_fraction` of the items at random, drawn by `split_seed`."""
+        order = np.random.default_rng(self.split_seed).permutation(len(items))
+        n_val = max(1, round(len(items) * self.val_fraction)) if self.val_fraction > 0 and len(items) > 1 else 0
+        return order[:n_val], order[n_val:]
+
+    def _per_class(self, train_idx: np.ndarray, labels: list[int] | None) -> np.ndarray:
+        """`train_per_class` training indices of each class, drawn by `subset_seed` (a few-shot training set; the
+        validation split is the full data's, so runs with different draws are tested on the same images)."""
+        if labels is None:
+            raise UserError(f"data.train_per_class={self.train_per_class} needs labelled images (class sub-folders, "
+                            "or data=digits) and data.labels=auto")
+        rng = np.random.default_rng(self.subset_seed)
+        picked = []
+        for c, name in enumerate(self.class_names):
+            members = np.array([i for i in train_idx if labels[i] == c], dtype=np.int64)
+            if len(members) < self.train_per_class:
+                raise UserError(f"data.train_per_class={self.train_per_class}: class {name!r} has only "
+                                f"{len(members)} training images")
+            picked.append(rng.choice(members, self.train_per_class, replace=False))
+        return np.concatenate(picked)
 
     def _synthetic_set(self) -> AugmentedImages:
         """The images of `synthetic_root` (a data set sample.py wrote), labelled by class folders matched by name to
@@ -325,7 +355,12 @@ class FolderDataModule(ImageDataModule):
     """
 
     def __init__(
-        self, root: str | None = None, cache_mb: float = 1024, cache_dir: str | None = "auto", **kwargs: Any
+        self,
+        root: str | None = None,
+        cache_mb: float = 1024,
+        cache_dir: str | None = "auto",
+        val_pattern: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not 0 <= cache_mb < math.inf:
@@ -335,6 +370,7 @@ class FolderDataModule(ImageDataModule):
                 f"data.cache_dir={cache_dir!r} must be a folder, auto (the user's cache folder) or null (no disk cache)"
             )
         self.root = root
+        self.val_pattern = val_pattern
         folder = default_cache_dir() if cache_dir == "auto" else Path(cache_dir).expanduser() if cache_dir else None
         self.images = ImageCache(self.scaled_side, int(cache_mb * 2**20), folder)
 
@@ -357,6 +393,19 @@ class FolderDataModule(ImageDataModule):
         if self.train_set is None:
             super().setup(stage)
             self.images.build([*self.train_set.items, *self.val_set.items])  # training images first into memory
+
+    def split(self, items: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """With `val_pattern`, the images whose path below `root` matches it (shell-style, e.g. `*_s1[01].png`)
+        are the validation split: images that must not be separated (the same scene twice) stay on one side."""
+        if not self.val_pattern:
+            return super().split(items)
+        root = Path(self.root).expanduser()
+        held = np.array([fnmatch.fnmatchcase(p.relative_to(root).as_posix(), self.val_pattern) for p in items])
+        if held.all() or not held.any():
+            raise UserError(f"data.val_pattern={self.val_pattern!r} matches {int(held.sum())} of the {len(items)} "
+                            f"images in {root}: it must hold back some and leave some to train on (a shell pattern "
+                            "on the path below data.root, e.g. '*_s1[01].png' or 'held-out/*')")
+        return np.flatnonzero(held), np.flatnonzero(~held)
 
     def item_captions(self, items: Sequence[Path]) -> list[str | None]:
         return read_captions(Path(self.root).expanduser(), items)
