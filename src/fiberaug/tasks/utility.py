@@ -23,7 +23,7 @@ from fiberaug.data import build_transforms
 from fiberaug.data.pipelines import reseed
 from fiberaug.errors import UserError
 from fiberaug.files import write_atomic
-from fiberaug.metrics.utility import downstream_accuracy
+from fiberaug.metrics.utility import Augment, downstream_accuracy
 from fiberaug.models import load_generator, read_checkpoint
 from fiberaug.tasks.inputs import align_labels, checkpoint_data, read_folder
 from fiberaug.tasks.sample import resolve_device
@@ -46,7 +46,7 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(Path(cfg.ckpt_path).expanduser())
     data = _labelled_data(cfg, checkpoint)
     held_out, held_labels = data.reference_images("val")
-    _refuse_seen(checkpoint, data, cfg.ckpt_path)
+    refuse_seen(checkpoint, data, cfg.ckpt_path)
 
     pool, pool_labels = data.reference_images("train")
     pool_labels = torch.tensor(pool_labels)
@@ -63,20 +63,16 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
         per_class = options.synthetic_per_class
         synthetic = model.sample(per_class * classes, seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
         synthetic_labels = model.label_indices(None, per_class * classes).cpu()
-    augment = _classical(cfg.augment, data)
+    augment = classical_augment(cfg.augment, data)
 
     results: dict[str, list[float]] = {name: [] for name in CONDITIONS}
     for seed in range(cfg.seed, cfg.seed + options.seeds):
         idx = _few_shot(pool_labels, options.shots, classes, seed)
-        real, labels = pool[idx], pool_labels[idx]
-        sets = {"real": (real, labels), "real + synthetic": (torch.cat([real, synthetic]),
-                                                             torch.cat([labels, synthetic_labels]))}
+        real = (pool[idx], pool_labels[idx])
         for name in CONDITIONS:
-            images, targets = sets[name.replace(" + classical", "")]
-            results[name].append(downstream_accuracy(
-                images, targets, held_out, torch.tensor(held_labels), classes, seed=seed, steps=options.steps,
-                batch_size=options.batch_size, lr=options.lr, augment=augment if "classical" in name else None,
-            ))
+            results[name].append(arm_accuracy(name, real, (synthetic, synthetic_labels),
+                                              (held_out, torch.tensor(held_labels)), classes, seed=seed,
+                                              options=options, augment=augment))
     table = {
         "shots_per_class": options.shots,
         "synthetic_per_class": per_class,
@@ -92,6 +88,22 @@ def utility(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "utility.json", json.dumps(table, indent=2).encode())
     return table
+
+
+Images = tuple[torch.Tensor, torch.Tensor]  # images in [-1, 1] and their class indices
+
+
+def arm_accuracy(condition: str, real: Images, synthetic: Images, held_out: Images, classes: int, *, seed: int,
+                 options: Any, augment: Augment) -> float:
+    """One arm of the comparison (one of CONDITIONS): the classifier trained from `seed` on the real images, with the
+    synthetic ones added in the synthetic arms and `augment` applied in the classical ones; its held-out accuracy.
+    `options`: the task's `utility` settings (steps, batch_size, lr)."""
+    images, labels = real
+    if "synthetic" in condition:
+        images, labels = torch.cat([images, synthetic[0]]), torch.cat([labels, synthetic[1]])
+    return downstream_accuracy(images, labels, *held_out, classes, seed=seed, steps=options.steps,
+                               batch_size=options.batch_size, lr=options.lr,
+                               augment=augment if "classical" in condition else None)
 
 
 def _data_set_checkpoint(folder: Path) -> str:
@@ -132,7 +144,7 @@ def _labelled_data(cfg: DictConfig, checkpoint: dict[str, Any]) -> Any:
     return data
 
 
-def _refuse_seen(checkpoint: dict[str, Any], data: Any, ckpt_path: str) -> None:
+def refuse_seen(checkpoint: dict[str, Any], data: Any, ckpt_path: str) -> None:
     """Held-out images must be new to the generator, or its copies would pass for help."""
     record = checkpoint["fiberaug"].get("data")
     if record is None:
@@ -157,7 +169,7 @@ def _few_shot(labels: torch.Tensor, shots: int, classes: int, seed: int) -> torc
     return torch.cat(picked)
 
 
-def _classical(spec: Any, data: Any) -> Any:
+def classical_augment(spec: Any, data: Any) -> Augment:
     """The `augment=` pipeline applied to each image of a batch (at the data's size), drawn from the batch's seed."""
     pipeline = A.Compose([*build_transforms(spec), A.CenterCrop(data.image_size, data.image_size, pad_if_needed=True)])
 
