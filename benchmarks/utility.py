@@ -171,9 +171,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3, help="draws of those images per N (subset seeds 0, 1, ...)")
     parser.add_argument("--ratios", default="1,5,10", help="synthetic images per real one")
     parser.add_argument("--generators", default="ddpm,gan")
-    parser.add_argument("--ddpm-steps", type=int, default=1500, help="optimizer steps of each DDPM")
-    parser.add_argument("--gan-steps", type=int, default=1500, help="optimizer steps of each GAN")
-    parser.add_argument("--classifier-seeds", type=int, default=2, help="classifiers per arm and draw (averaged)")
+    parser.add_argument("--ddpm-steps", type=int, default=500, help="optimizer steps of each DDPM")
+    parser.add_argument("--gan-steps", type=int, default=800, help="optimizer steps of each GAN")
+    parser.add_argument("--classifier-seeds", type=int, default=1, help="classifiers per arm and draw (averaged)")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "utility"))
     args = parser.parse_args()
 
