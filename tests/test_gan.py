@@ -14,8 +14,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from fiberaug.callbacks import ModelCheckpoint
 from fiberaug.errors import UserError
 from fiberaug.models import load_generator
+from fiberaug.models.gan import GANModule
 from fiberaug.models.gan_losses import adversarial_loss, gradient_penalty
 from fiberaug.nets import Discriminator, Generator
 from fiberaug.tasks import run_task
@@ -227,6 +229,59 @@ def test_a_snapshot_is_kept_at_every_snapshot_epoch_the_last_one_included(tmp_pa
     train(compose_config("train", [*GAN_TINY, *overrides], tmp_path))
     snapshots = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch*.ckpt"))
     assert snapshots == ["epoch0000-step0000010.ckpt", "epoch0001-step0000020.ckpt"]
+
+
+# Ranked by a value that never improves (the generator's step, lower is better): the best stays the first save.
+NEVER_BETTER = ["callbacks.model_checkpoint.monitor=train/generator_step", "callbacks.model_checkpoint.mode=min",
+                "callbacks.model_checkpoint.every_n_epochs=1"]
+
+
+def test_last_checkpoint_is_the_state_at_the_last_save_point_not_the_best(tmp_path, monkeypatch):
+    """A run killed at step 35 resumes from its last epoch end (step 30), though its best checkpoint is step 10."""
+    step = GANModule.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 34:
+            raise RuntimeError("killed")
+        step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GANModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose_config("train", [*GAN_TINY, *NEVER_BETTER, "trainer.max_steps=40"], tmp_path))
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 10
+    assert _checkpoint(tmp_path)["global_step"] == 30
+
+
+def test_step_triggered_save_points_write_last_once_each(tmp_path, monkeypatch):
+    """Lightning writes last.ckpt after every step-triggered top-k check itself; it is not written twice."""
+    written = []
+    save = ModelCheckpoint._save_checkpoint
+
+    def record(self, trainer, filepath):
+        written.append((trainer.global_step, Path(filepath).name))
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", record)
+    overrides = [*NEVER_BETTER, "~callbacks.model_checkpoint.every_n_epochs", "trainer.max_steps=20",
+                 "+callbacks.model_checkpoint.every_n_train_steps=4"]
+    train(compose_config("train", [*GAN_TINY, *overrides], tmp_path))
+    assert [step for step, name in written if name == "last.ckpt"] == [4, 8, 12, 16, 20]
+
+
+def test_a_run_stopped_between_save_points_ends_with_its_final_state(tmp_path, monkeypatch):
+    """A stop as `trainer.max_time`'s timer or early stopping makes it (`should_stop`), here after the batch that
+    ends at step 36, between the epoch ends at 30 and 40: last.ckpt is the state at 36."""
+    step = GANModule.training_step
+
+    def stop(self, batch, batch_idx):
+        step(self, batch, batch_idx)
+        self.trainer.should_stop = self.global_step == 36
+
+    monkeypatch.setattr(GANModule, "training_step", stop)
+    train(compose_config("train", [*GAN_TINY, *NEVER_BETTER, "trainer.max_steps=100"], tmp_path))
+    ckpt = _checkpoint(tmp_path)
+    assert ckpt["global_step"] == 36 and ckpt["gan"] == {"critic_steps": 18, "generator_steps": 18}
 
 
 def test_precision_16_trains_the_wgan_gp(tmp_path, caplog):

@@ -304,6 +304,18 @@ def test_memorisation_does_not_flag_held_out_real_images():
     assert result.values()["memorisation/median_ratio"] > 0.5
 
 
+def test_repeats_flag_the_near_identical_samples_of_a_collapsed_generator():
+    images = digits(16)[0]
+    train, varied = images[:N_TRAIN], images[N_TRAIN : N_TRAIN + 100]
+    assert memorisation(varied, train).values()["memorisation/repeats"] <= 0.02  # real digits hardly repeat
+    # 50 of 100 samples are 5 noisy draws of each of 10 digits, the other 50 distinct digits: exactly those 50 repeat.
+    collapsed = torch.cat([noisy(varied[:10].repeat(5, 1, 1, 1), 0.03), varied[10:60]])
+    result = memorisation(collapsed, train)
+    assert torch.equal(result.repeats, torch.arange(100) < 50)
+    assert result.values()["memorisation/repeats"] == 0.5
+    assert result.values()["memorisation"] == 0.0  # held-out digits: repeats are not copies
+
+
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     """Each image re-encoded as a JPEG of that quality and decoded."""
     from PIL import Image
@@ -411,7 +423,7 @@ def test_class_consistency_refuses_labels_that_do_not_fit(reader):
 def test_evaluate_images_runs_only_the_metrics_asked_for():
     images = digits(16)[0]
     result = evaluate_images(images[N_TRAIN : N_TRAIN + 200], images[:100], train=images[:N_TRAIN], metrics=CHEAP)
-    assert set(result.values) == {"swd", "swd/16", "memorisation", "memorisation/median_ratio"}
+    assert set(result.values) == {"swd", "swd/16", "memorisation", "memorisation/median_ratio", "memorisation/repeats"}
     assert result.values["memorisation"] == 1.0  # the "generated" images are training images
     assert result.artefacts["nearest"].shape[2] == 3 and result.memorisation.nearest.shape == (100, 2)
     assert result.notes == ["compared at 16×16, grayscale"]
@@ -424,13 +436,13 @@ def test_evaluate_images_names_every_value_with_a_direction(inception_file):
         real, fake, real_labels=labels[N_TRAIN : N_TRAIN + 400], fake_labels=labels[:200], inception=inception_file()
     )
     expected = {"swd", "swd/16", "precision", "recall", "density", "coverage", "fid", "kid", "kid_std", "memorisation",
-                "memorisation/median_ratio", "class_consistency", "classifier_accuracy"}
+                "memorisation/median_ratio", "memorisation/repeats", "class_consistency", "classifier_accuracy"}
     assert expected | {f"class_consistency/{c}" for c in range(10)} == set(result.values)
     assert "memorisation measured against the real images: no training set given" in result.notes
     assert result.values["memorisation"] < 0.05  # noisy training digits are no copies of the held-out ones
     modes = {name: monitor_mode(f"val/{name}") for name in result.values}
     lower = {name for name, mode in modes.items() if mode == "min"}
-    assert lower == {"swd", "swd/16", "fid", "kid", "kid_std", "memorisation"}
+    assert lower == {"swd", "swd/16", "fid", "kid", "kid_std", "memorisation", "memorisation/repeats"}
 
 
 def test_evaluate_images_notes_what_it_skipped_and_refuses_unknown_metrics():

@@ -7,6 +7,7 @@
 | `fid`, `kid` | lower | Fréchet and kernel Inception distances (only with a local Inception file) |
 | `kid_std` | lower | spread of KID over its subsets: how far to trust `kid`; not a quality measure |
 | `memorisation` | lower | share of generated images that are copies of a training image |
+| `memorisation/repeats` | lower | share of generated images with a near-identical twin among them: collapse |
 | `memorisation/median_ratio` | higher | median d(nearest)/d(second nearest) training image: 1 is far from copying |
 | `class_consistency`, `…/<class>` | higher | share read as their class by a classifier trained on real images |
 | `classifier_accuracy` | higher | that classifier's accuracy on held-out real images: how far to trust it |
@@ -37,7 +38,8 @@ CHEAP = ("swd", "memorisation")
 
 _MODES = {
     "swd": "min", "precision": "max", "recall": "max", "density": "max", "coverage": "max", "fid": "min",
-    "kid": "min", "kid_std": "min", "memorisation": "min", "memorisation/median_ratio": "max",
+    "kid": "min", "kid_std": "min", "memorisation": "min", "memorisation/repeats": "min",
+    "memorisation/median_ratio": "max",
     "class_consistency": "max", "classifier_accuracy": "max",
 }
 _FAMILIES = ("swd", "class_consistency")  # names with a per-level or per-class suffix

@@ -16,12 +16,16 @@ stays a copy), compared on the interior the shifts leave. On the fibre tiles (tr
 shifts, and none of the 120 tiles of the held-out positions; the plain pixel ratio flagged 68% and 60% of the
 JPEG ones and no shifted one. A copy flipped, recoloured or shifted by more pixels is not found.
 
-`memorisation` (the share of copies) is lower-better; `memorisation/median_ratio` is higher-better.
+The same distance and scale tell a collapsed generator's repeats: a generated image *repeats* when another generated
+image lies closer than ⅓ · m, nearer than the training images' own near-duplicates.
+
+`memorisation` (the share of copies) and `memorisation/repeats` (the share of generated images with a near-identical
+twin among them) are lower-better; `memorisation/median_ratio` is higher-better.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ class Memorisation:
     ratio: torch.Tensor  # N: distances[:, 0] / distances[:, 1] (0 for an exact copy)
     scale: float  # m
     threshold: float = COPY_RATIO
+    repeats: torch.Tensor | None = None  # N booleans: a near-identical other generated image exists
 
     @property
     def score(self) -> torch.Tensor:
@@ -59,10 +64,13 @@ class Memorisation:
         return self.score < self.threshold
 
     def values(self) -> dict[str, float]:
-        return {
+        values = {
             "memorisation": self.copies.double().mean().item(),
             "memorisation/median_ratio": self.ratio.median().item(),
         }
+        if self.repeats is not None:
+            values["memorisation/repeats"] = self.repeats.double().mean().item()
+        return values
 
 
 class CopyTest:
@@ -92,6 +100,17 @@ class CopyTest:
         ratio = torch.where(distances[:, 1] > 0, distances[:, 0] / distances[:, 1].clamp_min(1e-12), 0.0)
         return Memorisation(nearest, distances, ratio, self.scale, self.threshold)
 
+    def repeats(self, fake: torch.Tensor) -> torch.Tensor:
+        """N booleans: which generated images have another generated image closer than the threshold times m (the
+        training images' median nearest-neighbour distance): the repeats of a collapsed generator."""
+        if len(fake) < 2:
+            return torch.zeros(len(fake), dtype=torch.bool)
+        fake = fake.float()
+        among = CopyTest(fake, threshold=self.threshold, chunk=self.chunk)
+        # Each image's nearest image among them is itself (distance 0); the second nearest is its closest twin.
+        nearest_other = torch.cat([among._two_nearest(part)[1][:, 1] for part in fake.split(self.chunk)])
+        return nearest_other < self.threshold * self.scale
+
     def _distances(self, flat: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Distance matrix of blurred windows (flattened) against the training set's."""
         squared = flat.square().sum(dim=1, keepdim=True) + self.train_sq - 2 * flat @ self.train.T
@@ -115,9 +134,11 @@ class CopyTest:
 def memorisation(
     fake: torch.Tensor, train: torch.Tensor, *, threshold: float = COPY_RATIO, chunk: int = 256
 ) -> Memorisation:
-    """The two nearest training images of every generated one, and which are copies (see the module)."""
+    """The two nearest training images of every generated one, which are copies and which repeat another generated
+    image (see the module)."""
     train, fake, _ = match_sets(train, fake, names=("train", "fake"))
-    return CopyTest(train, threshold=threshold, chunk=chunk)(fake)
+    test = CopyTest(train, threshold=threshold, chunk=chunk)
+    return replace(test(fake), repeats=test.repeats(fake))
 
 
 def _blur(images: torch.Tensor) -> torch.Tensor:
