@@ -83,7 +83,7 @@ def real_floor(common: list[str], samples: int, seed: int) -> dict[str, float]:
     from fiberaug.metrics import evaluate_images
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        data = instantiate(compose("train", [c for c in common if "max_time" not in c]).data)
+        data = instantiate(compose("train", common).data)
     data.setup("fit")
     train, held = data.reference_images("train")[0], data.reference_images("val")[0]
     drawn = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:samples]]
@@ -174,7 +174,7 @@ def main() -> None:
     for name, by_step in rows.items():
         for step, values in by_step.items():
             cells = " | ".join(f"{values[c]:.3f}" if c in values else "–" for c in columns)
-            print(f"| {name} | {step} | {cells} |")
+            print(f"| {name} | {step if name != FLOOR else '–'} | {cells} |")
     first, *others = [name for name in rows if name != FLOOR]
     if args.model == "gan":
         final = {name: next(iter(by_step.values())) if args.minutes else by_step[steps]

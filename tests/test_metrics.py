@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from fiberaug.metrics import (
     sliced_wasserstein,
 )
 from fiberaug.metrics.swd import _upsample, laplacian_pyramid
+
+memorisation_module = importlib.import_module("fiberaug.metrics.memorisation")  # the package's name is the function
 
 N_TRAIN = 1000  # the first 1,000 shuffled digits play the training set, the other 797 held-out real images
 
@@ -304,7 +307,7 @@ def test_memorisation_does_not_flag_held_out_real_images():
     assert result.values()["memorisation/median_ratio"] > 0.5
 
 
-def test_repeats_flag_the_near_identical_samples_of_a_collapsed_generator():
+def test_repeats_flag_the_near_identical_samples_of_a_collapsed_generator(monkeypatch):
     images = digits(16)[0]
     train, varied = images[:N_TRAIN], images[N_TRAIN : N_TRAIN + 100]
     assert memorisation(varied, train).values()["memorisation/repeats"] <= 0.02  # real digits hardly repeat
@@ -314,6 +317,8 @@ def test_repeats_flag_the_near_identical_samples_of_a_collapsed_generator():
     assert torch.equal(result.repeats, torch.arange(100) < 50)
     assert result.values()["memorisation/repeats"] == 0.5
     assert result.values()["memorisation"] == 0.0  # held-out digits: repeats are not copies
+    monkeypatch.setattr(memorisation_module, "SCALE_IMAGES", 60)  # only the first 60 are compared: 50 repeat
+    assert torch.equal(memorisation(collapsed, train).repeats, torch.arange(60) < 50)
 
 
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:

@@ -20,12 +20,13 @@ The same distance and scale tell a collapsed generator's repeats: a generated im
 image lies closer than ⅓ · m, nearer than the training images' own near-duplicates.
 
 `memorisation` (the share of copies) and `memorisation/repeats` (the share of generated images with a near-identical
-twin among them) are lower-better; `memorisation/median_ratio` is higher-better.
+twin among them, of the first 1000) are lower-better; `memorisation/median_ratio` is higher-better.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class Memorisation:
     ratio: torch.Tensor  # N: distances[:, 0] / distances[:, 1] (0 for an exact copy)
     scale: float  # m
     threshold: float = COPY_RATIO
-    repeats: torch.Tensor | None = None  # N booleans: a near-identical other generated image exists
+    repeats: torch.Tensor | None = None  # per generated image (the first 1000): a near-identical other one exists
 
     @property
     def score(self) -> torch.Tensor:
@@ -84,9 +85,14 @@ class CopyTest:
         self.shift = 1 if min(train.shape[2:]) > 2 else 0
         self.train = _blur(_inner(train.float(), self.shift)).flatten(1)
         self.train_sq = self.train.square().sum(dim=1)
-        queries = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:SCALE_IMAGES]
-        own = torch.cat([self._distances(self.train[part], part) for part in queries.split(chunk)])
-        self.scale = own.min(dim=1).values.median().item()
+        self.seed = seed
+
+    @cached_property
+    def scale(self) -> float:
+        """m: the median distance of a training image to its nearest other one (measured on first use)."""
+        queries = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed))[:SCALE_IMAGES]
+        own = torch.cat([self._distances(self.train[part], part) for part in queries.split(self.chunk)])
+        return own.min(dim=1).values.median().item()
 
     def __call__(self, fake: torch.Tensor) -> Memorisation:
         """The two nearest training images of every generated one (of the training images' size), and which are
@@ -101,11 +107,12 @@ class CopyTest:
         return Memorisation(nearest, distances, ratio, self.scale, self.threshold)
 
     def repeats(self, fake: torch.Tensor) -> torch.Tensor:
-        """N booleans: which generated images have another generated image closer than the threshold times m (the
-        training images' median nearest-neighbour distance): the repeats of a collapsed generator."""
+        """Which of the first `SCALE_IMAGES` generated images have another of them closer than the threshold times m
+        (the training images' median nearest-neighbour distance): the repeats of a collapsed generator. Capped, as
+        the pairs grow with the square of the images (1000 at 64×64×3 take seconds on two CPU cores)."""
+        fake = fake[:SCALE_IMAGES].float()
         if len(fake) < 2:
             return torch.zeros(len(fake), dtype=torch.bool)
-        fake = fake.float()
         among = CopyTest(fake, threshold=self.threshold, chunk=self.chunk)
         # Each image's nearest image among them is itself (distance 0); the second nearest is its closest twin.
         nearest_other = torch.cat([among._two_nearest(part)[1][:, 1] for part in fake.split(self.chunk)])
